@@ -1,0 +1,197 @@
+#include "engine/model/llama_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+#include "engine/cpu/matmul.h"
+#include "engine/util/thread_pool.h"
+
+namespace deft {
+namespace {
+
+// out[i] = x[i] / rms(x) * weight[i], over `n` values (fp32 throughout, as HF's LlamaRMSNorm).
+void RmsNorm(const float* x, const float* weight, float* out, int64_t n, float eps) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  float scale = 1.f / std::sqrt(static_cast<float>(ss / n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * scale);
+}
+
+// Rotary frequencies per pair index: inv_freq[i] = theta^(-2i/rope_dim) / freq_factor[i].
+std::vector<double> InverseFrequencies(const LlamaConfig& c) {
+  std::vector<double> inv(static_cast<size_t>(c.rope_dim / 2));
+  for (int64_t i = 0; i < c.rope_dim / 2; ++i) {
+    inv[i] = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.rope_dim);
+    if (!c.rope_freq_factors.empty()) inv[i] /= c.rope_freq_factors[i];
+  }
+  return inv;
+}
+
+// Rotates the first rope_dim dims of each of `heads` vectors of head_dim at `pos`.
+void ApplyRope(float* x, int64_t heads, const LlamaConfig& c, const std::vector<double>& inv_freq,
+               int64_t pos) {
+  const int64_t half = c.rope_dim / 2;
+  const double p = static_cast<double>(pos) / c.rope_linear_scale;
+  for (int64_t i = 0; i < half; ++i) {
+    double angle = p * inv_freq[i];
+    float cs = static_cast<float>(std::cos(angle)), sn = static_cast<float>(std::sin(angle));
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + h * c.head_dim;
+      int64_t a = c.rope_neox ? i : 2 * i, b = c.rope_neox ? i + half : 2 * i + 1;
+      float x0 = v[a], x1 = v[b];
+      v[a] = x0 * cs - x1 * sn;
+      v[b] = x0 * sn + x1 * cs;
+    }
+  }
+}
+
+// Per-call activations of a forward pass over n tokens.
+struct Activations {
+  std::vector<float> x, xn, q, k, v, attn, proj, gate, up, scores;
+  void Resize(const LlamaConfig& c, int64_t n) {
+    x.resize(n * c.hidden);
+    xn.resize(n * c.hidden);
+    q.resize(n * c.num_heads * c.head_dim);
+    k.resize(n * c.num_kv_heads * c.head_dim);
+    v.resize(n * c.num_kv_heads * c.head_dim);
+    attn.resize(n * c.num_heads * c.head_dim);
+    proj.resize(n * c.hidden);
+    gate.resize(n * c.ffn_hidden);
+    up.resize(n * c.ffn_hidden);
+  }
+};
+
+thread_local std::vector<float> tls_scores;
+
+}  // namespace
+
+KvCache::KvCache(const LlamaConfig& config, int64_t capacity)
+    : capacity_(capacity), row_(config.num_kv_heads * config.head_dim) {
+  k_.resize(static_cast<size_t>(config.num_layers));
+  v_.resize(static_cast<size_t>(config.num_layers));
+  for (auto& l : k_) l.resize(static_cast<size_t>(capacity * row_));
+  for (auto& l : v_) l.resize(static_cast<size_t>(capacity * row_));
+}
+
+void KvCache::Truncate(int64_t n) { size_ = std::min(size_, std::max<int64_t>(0, n)); }
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(std::unique_ptr<LoadedModel> model,
+                                                               const ModelOptions& options) {
+  if (model == nullptr) return absl::InvalidArgumentError("no model");
+  if (absl::Status s = ValidateWeights(model->config, model->weights); !s.ok()) return s;
+  std::unique_ptr<LlamaModel> m(new LlamaModel());
+  m->model_ = std::move(model);
+  m->pool_ = std::make_unique<ThreadPool>(options.num_threads);
+  return m;
+}
+
+LlamaModel::~LlamaModel() = default;
+
+absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, KvCache& cache, bool all_logits,
+                                 std::vector<float>* logits) {
+  const LlamaConfig& c = model_->config;
+  const LlamaWeights& w = model_->weights;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return absl::InvalidArgumentError("no tokens to run");
+  for (int32_t t : tokens) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("token id %d is outside the vocabulary [0, %d)", t, c.vocab_size));
+    }
+  }
+  const int64_t pos0 = cache.size();
+  if (pos0 + n > cache.capacity()) {
+    return absl::OutOfRangeError(absl::StrFormat(
+        "%d tokens do not fit in the KV cache (%d of %d used)", n, pos0, cache.capacity()));
+  }
+  if (cache.row_ != c.num_kv_heads * c.head_dim ||
+      static_cast<int64_t>(cache.k_.size()) != c.num_layers) {
+    return absl::InvalidArgumentError("KV cache was made for another model");
+  }
+
+  const int64_t H = c.hidden, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+  const int64_t q_dim = nh * hd, kv_dim = nkv * hd, group = nh / nkv;
+  const float attn_scale = 1.f / std::sqrt(static_cast<float>(hd));
+  static thread_local Activations act;
+  act.Resize(c, n);
+  const std::vector<double> inv_freq = InverseFrequencies(c);
+  ThreadPool& pool = *pool_;
+
+  for (int64_t t = 0; t < n; ++t) EmbeddingRow(w.token_embd, tokens[t], &act.x[t * H]);
+
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LlamaLayerWeights& L = w.layers[l];
+    for (int64_t t = 0; t < n; ++t) {
+      RmsNorm(&act.x[t * H], L.attn_norm.data(), &act.xn[t * H], H, c.rms_eps);
+    }
+    MatMul(pool, L.wq, act.xn.data(), n, act.q.data());
+    MatMul(pool, L.wk, act.xn.data(), n, act.k.data());
+    MatMul(pool, L.wv, act.xn.data(), n, act.v.data());
+    for (int64_t t = 0; t < n; ++t) {
+      ApplyRope(&act.q[t * q_dim], nh, c, inv_freq, pos0 + t);
+      ApplyRope(&act.k[t * kv_dim], nkv, c, inv_freq, pos0 + t);
+      std::memcpy(cache.k(l, pos0 + t), &act.k[t * kv_dim], kv_dim * sizeof(float));
+      std::memcpy(cache.v(l, pos0 + t), &act.v[t * kv_dim], kv_dim * sizeof(float));
+    }
+    // Causal attention: token t (position pos0 + t) sees positions [0, pos0 + t].
+    pool.ParallelFor(n * nh, 1, [&](int, int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t t = job / nh, h = job % nh, g = h / group;
+        const int64_t len = pos0 + t + 1;
+        const float* qv = &act.q[t * q_dim + h * hd];
+        tls_scores.resize(static_cast<size_t>(len));
+        float* s = tls_scores.data();
+        float mx = -INFINITY;
+        for (int64_t p = 0; p < len; ++p) {
+          const float* kv = cache.k(l, p) + g * hd;
+          float dot = 0.f;
+          for (int64_t d = 0; d < hd; ++d) dot += qv[d] * kv[d];
+          s[p] = dot * attn_scale;
+          mx = std::max(mx, s[p]);
+        }
+        float sum = 0.f;
+        for (int64_t p = 0; p < len; ++p) {
+          s[p] = std::exp(s[p] - mx);
+          sum += s[p];
+        }
+        float* o = &act.attn[t * q_dim + h * hd];
+        std::fill(o, o + hd, 0.f);
+        for (int64_t p = 0; p < len; ++p) {
+          const float* vv = cache.v(l, p) + g * hd;
+          const float pw = s[p] / sum;
+          for (int64_t d = 0; d < hd; ++d) o[d] += pw * vv[d];
+        }
+      }
+    });
+    MatMul(pool, L.wo, act.attn.data(), n, act.proj.data());
+    for (int64_t i = 0; i < n * H; ++i) act.x[i] += act.proj[i];
+
+    for (int64_t t = 0; t < n; ++t) {
+      RmsNorm(&act.x[t * H], L.ffn_norm.data(), &act.xn[t * H], H, c.rms_eps);
+    }
+    MatMul(pool, L.w_gate, act.xn.data(), n, act.gate.data());
+    MatMul(pool, L.w_up, act.xn.data(), n, act.up.data());
+    const int64_t F = c.ffn_hidden;
+    pool.ParallelFor(n * F, 256, [&](int, int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        float g = act.gate[i];
+        act.gate[i] = g / (1.f + std::exp(-g)) * act.up[i];
+      }
+    });
+    MatMul(pool, L.w_down, act.gate.data(), n, act.proj.data());
+    for (int64_t i = 0; i < n * H; ++i) act.x[i] += act.proj[i];
+  }
+  cache.size_ = pos0 + n;
+
+  const int64_t first = all_logits ? 0 : n - 1, rows = n - first;
+  for (int64_t t = first; t < n; ++t) {
+    RmsNorm(&act.x[t * H], w.output_norm.data(), &act.xn[(t - first) * H], H, c.rms_eps);
+  }
+  logits->resize(static_cast<size_t>(rows * c.vocab_size));
+  MatMul(pool, w.output, act.xn.data(), rows, logits->data());
+  return absl::OkStatus();
+}
+
+}  // namespace deft
