@@ -1,0 +1,203 @@
+// Sampler: greedy, seeded reproducibility, the filters (top-k, top-p, min-p), penalties,
+// log-probabilities, parameter validation; and the stop-string matcher of the generation loop.
+#include "engine/sampler/sampler.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <set>
+
+#include "engine/model/generate.h"
+
+namespace deft {
+namespace {
+
+std::vector<float> RandomLogits(int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.f, 2.f);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+std::vector<double> Softmax(const std::vector<float>& l, float t = 1.f) {
+  double mx = *std::max_element(l.begin(), l.end()), s = 0;
+  std::vector<double> p(l.size());
+  for (size_t i = 0; i < l.size(); ++i) s += p[i] = std::exp((l[i] - mx) / t);
+  for (double& x : p) x /= s;
+  return p;
+}
+
+TEST(Sampler, GreedyPicksFirstMaximum) {
+  SamplingParams p;
+  p.temperature = 0;
+  Sampler s(p, {});
+  std::vector<float> logits = {0.f, 3.f, 1.f, 3.f};
+  EXPECT_EQ(s.Sample(logits).id, 1);
+}
+
+TEST(Sampler, SameSeedSameTokensDifferentSeedDifferentTokens) {
+  auto logits = RandomLogits(1000, 1);
+  auto run = [&](uint64_t seed) {
+    SamplingParams p;
+    p.temperature = 1.5f;
+    p.seed = seed;
+    Sampler s(p, {});
+    std::vector<int32_t> out;
+    for (int i = 0; i < 50; ++i) out.push_back(s.Sample(logits).id);
+    return out;
+  };
+  EXPECT_EQ(run(42), run(42));
+  EXPECT_NE(run(42), run(43));
+}
+
+TEST(Sampler, FrequenciesFollowSoftmax) {
+  // 20000 draws from a 5-token distribution: each frequency within 4 standard deviations.
+  std::vector<float> logits = {1.f, 0.5f, 0.f, -1.f, 2.f};
+  SamplingParams p;
+  p.temperature = 0.8f;
+  p.seed = 99;
+  Sampler s(p, {});
+  std::vector<int> counts(5, 0);
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) ++counts[s.Sample(logits).id];
+  auto probs = Softmax(logits, 0.8f);
+  for (int i = 0; i < 5; ++i) {
+    double sd = std::sqrt(n * probs[i] * (1 - probs[i]));
+    EXPECT_NEAR(counts[i], n * probs[i], 4 * sd + 1) << "token " << i;
+  }
+}
+
+TEST(Sampler, TopKRestrictsToBestK) {
+  auto logits = RandomLogits(500, 2);
+  std::vector<int> idx(500);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::sort(idx.begin(), idx.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+  std::set<int> best(idx.begin(), idx.begin() + 3);
+  SamplingParams p;
+  p.temperature = 5.f;  // nearly flat: without top-k other tokens would appear
+  p.top_k = 3;
+  p.seed = 5;
+  Sampler s(p, {});
+  std::set<int> seen;
+  for (int i = 0; i < 300; ++i) seen.insert(s.Sample(logits).id);
+  EXPECT_EQ(seen, best);
+}
+
+TEST(Sampler, TopPKeepsSmallestSetReachingP) {
+  // probabilities ~ 0.5, 0.25, 0.125, 0.0625, ...: top_p 0.7 keeps exactly the first two.
+  std::vector<float> logits;
+  for (int i = 0; i < 12; ++i) logits.push_back(-std::log(2.f) * i);
+  SamplingParams p;
+  p.top_p = 0.7f;
+  p.seed = 3;
+  Sampler s(p, {});
+  std::set<int> seen;
+  for (int i = 0; i < 400; ++i) seen.insert(s.Sample(logits).id);
+  EXPECT_EQ(seen, (std::set<int>{0, 1}));
+}
+
+TEST(Sampler, MinPDropsUnlikelyTokens) {
+  std::vector<float> logits = {0.f, -0.1f, -3.f, -3.f, -0.5f};
+  // p_i / p_max = exp(l_i): 1, .905, .05, .05, .607; min_p .5 keeps {0, 1, 4}.
+  SamplingParams p;
+  p.min_p = 0.5f;
+  p.seed = 11;
+  Sampler s(p, {});
+  std::set<int> seen;
+  for (int i = 0; i < 400; ++i) seen.insert(s.Sample(logits).id);
+  EXPECT_EQ(seen, (std::set<int>{0, 1, 4}));
+}
+
+TEST(Sampler, RepetitionPenaltyFollowsHfRule) {
+  std::vector<float> logits = {2.0f, 1.9f, -1.f};
+  SamplingParams p;
+  p.temperature = 0;
+  p.repetition_penalty = 1.2f;  // token 0: 2.0 / 1.2 = 1.67 < 1.9
+  std::vector<int32_t> prompt = {0};
+  Sampler s(p, prompt);
+  EXPECT_EQ(s.Sample(logits).id, 1);
+  // now both 0 and 1 are seen: 1.67 vs 1.58 -> 0
+  EXPECT_EQ(s.Sample(logits).id, 0);
+}
+
+TEST(Sampler, FrequencyAndPresencePenaltiesApplyToOutputTokens) {
+  std::vector<float> logits = {1.0f, 0.7f};
+  SamplingParams p;
+  p.temperature = 0;
+  p.frequency_penalty = 0.2f;
+  Sampler s(p, {});
+  // counts: t0 penalized by .2 per use: 1.0, .8 -> 0 chosen twice, then .6 < .7 -> 1
+  EXPECT_EQ(s.Sample(logits).id, 0);
+  EXPECT_EQ(s.Sample(logits).id, 0);
+  EXPECT_EQ(s.Sample(logits).id, 1);
+  SamplingParams q;
+  q.temperature = 0;
+  q.presence_penalty = 0.5f;
+  Sampler s2(q, {});
+  EXPECT_EQ(s2.Sample(logits).id, 0);
+  EXPECT_EQ(s2.Sample(logits).id, 1);  // 0.5 < 0.7
+}
+
+TEST(Sampler, LogprobsAreRawLogSoftmax) {
+  auto logits = RandomLogits(300, 4);
+  SamplingParams p;
+  p.temperature = 0.7f;
+  p.top_logprobs = 5;
+  p.seed = 8;
+  Sampler s(p, {});
+  SampledToken t = s.Sample(logits);
+  auto probs = Softmax(logits);
+  EXPECT_NEAR(t.logprob, std::log(probs[t.id]), 1e-5);
+  ASSERT_EQ(t.top.size(), 5u);
+  for (size_t i = 0; i < t.top.size(); ++i) {
+    EXPECT_NEAR(t.top[i].logprob, std::log(probs[t.top[i].id]), 1e-5);
+    if (i) EXPECT_GE(t.top[i - 1].logprob, t.top[i].logprob);
+  }
+  EXPECT_EQ(t.top[0].id, std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+TEST(SamplingParams, ValidateNamesTheField) {
+  auto msg = [](auto mutate) {
+    SamplingParams p;
+    mutate(p);
+    absl::Status s = p.Validate(100);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    return std::string(s.message());
+  };
+  EXPECT_NE(msg([](auto& p) { p.temperature = -1; }).find("temperature"), std::string::npos);
+  EXPECT_NE(msg([](auto& p) { p.top_p = 0; }).find("top_p"), std::string::npos);
+  EXPECT_NE(msg([](auto& p) { p.top_p = 1.5f; }).find("top_p"), std::string::npos);
+  EXPECT_NE(msg([](auto& p) { p.top_k = -2; }).find("top_k"), std::string::npos);
+  EXPECT_NE(msg([](auto& p) { p.min_p = 1; }).find("min_p"), std::string::npos);
+  EXPECT_NE(msg([](auto& p) { p.max_tokens = 0; }).find("max_tokens"), std::string::npos);
+  EXPECT_NE(msg([](auto& p) { p.repetition_penalty = 0; }).find("repetition_penalty"),
+            std::string::npos);
+  EXPECT_NE(msg([](auto& p) { p.stop_token_ids = {100}; }).find("stop_token_ids"),
+            std::string::npos);
+  EXPECT_NE(msg([](auto& p) { p.top_logprobs = 21; }).find("top_logprobs"), std::string::npos);
+  EXPECT_TRUE(SamplingParams{}.Validate(100).ok());
+}
+
+TEST(StopStringMatcher, HoldsPossiblePrefixAndCutsAtStop) {
+  StopStringMatcher m({"END", "\n\n"});
+  bool stopped;
+  EXPECT_EQ(m.Push("hello E", &stopped), "hello ");
+  EXPECT_FALSE(stopped);
+  EXPECT_EQ(m.Push("N", &stopped), "");
+  EXPECT_EQ(m.Push("x more\n", &stopped), "ENx more");
+  EXPECT_FALSE(stopped);
+  EXPECT_EQ(m.Push("\nafter", &stopped), "");
+  EXPECT_TRUE(stopped);
+}
+
+TEST(StopStringMatcher, FlushReturnsHeldText) {
+  StopStringMatcher m({"STOP"});
+  bool stopped;
+  EXPECT_EQ(m.Push("abc ST", &stopped), "abc ");
+  EXPECT_EQ(m.Flush(), "ST");
+}
+
+}  // namespace
+}  // namespace deft
