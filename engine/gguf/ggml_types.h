@@ -38,6 +38,10 @@ struct GgmlTypeTraits {
 // Returns nullptr for a type id this build cannot read (decode or dequantize).
 const GgmlTypeTraits* GetTypeTraits(uint32_t type_id);
 
+// ggml's name for any type id it defines ("IQ2_XXS"), including ones this build cannot read, so
+// errors can say which format a model uses; "" for ids ggml does not define.
+std::string_view GgmlTypeName(uint32_t type_id);
+
 // Bytes taken by `n` elements of `type`; REQUIRES: n % block_elems == 0.
 size_t RowBytes(GgmlType type, int64_t n);
 

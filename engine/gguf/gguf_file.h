@@ -1,7 +1,8 @@
 // GGUF (v2/v3) reader: header, metadata key/values, tensor infos and tensor data through mmap.
 // Every count, length and offset read from the file is checked against the file's size before it
 // is used, so a truncated, corrupt or hostile file yields an error Status naming the problem,
-// never a crash or an allocation larger than the file itself.
+// never a crash or an allocation out of proportion to the file's size (at most a small multiple
+// of it: metadata arrays are stored widened to 8-byte elements).
 //
 // Thread safety: a GgufFile is immutable after Open() and safe to read from many threads.
 #pragma once
@@ -36,8 +37,11 @@ enum class GgufValueType : uint32_t {
   kFloat64 = 12,
 };
 
-// One metadata value. Scalars of any integer width are stored widened; arrays keep their element
-// type. Arrays of arrays are rejected at parse time (no model needs them).
+// One metadata value. Scalars of any integer width are stored widened (unsigned types as uint64_t,
+// signed as int64_t, float32/64 as double); `type` keeps the type the file used. Arrays keep their
+// element type in `elem_type`: integer and bool arrays are stored as std::vector<int64_t> (uint64
+// elements keep their bit pattern), float arrays as std::vector<double>, string arrays as
+// std::vector<std::string>. Arrays of arrays are rejected at parse time (no model needs them).
 struct GgufValue {
   GgufValueType type = GgufValueType::kUint8;
   GgufValueType elem_type = GgufValueType::kUint8;  // for kArray
@@ -59,9 +63,10 @@ struct GgufTensor {
 
 class GgufFile {
  public:
-  // Maps and parses `path`. Errors: NOT_FOUND (no file), INVALID_ARGUMENT/DATA_LOSS naming the
-  // problem (bad magic, unsupported version, overflowing counts, offsets past the end, unknown
-  // tensor type, misaligned data, duplicate names ...).
+  // Maps and parses `path`. Errors: NOT_FOUND (no file); DATA_LOSS when the file ends too early
+  // (truncated header or metadata, tensor data past the end); INVALID_ARGUMENT for everything
+  // else (bad magic, unsupported version, overflowing counts, unknown tensor type, misaligned
+  // data, duplicate names ...). Messages start with the path and name the key or tensor.
   static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
