@@ -59,7 +59,10 @@ class Tokenizer {
   virtual ChatTemplateKind chat_template_kind() const = 0;
   // Renders `messages` in the model's chat format, identically to the model's own Jinja template
   // for the supported kinds (ChatML including SmolLM2's default system prompt, Llama 3, Llama 2).
-  // FAILED_PRECONDITION when the model has no recognised template.
+  // FAILED_PRECONDITION when the model has no recognised template; INVALID_ARGUMENT for an empty
+  // conversation or one the template rejects (Llama 2: roles must alternate). Encode the result
+  // with parse_special = true; Llama 2/3 templates write the BOS text themselves, so pass
+  // add_bos = false for those (SmolLM2 has no BOS either way).
   virtual absl::StatusOr<std::string> ApplyChatTemplate(const std::vector<ChatMessage>& messages,
                                                         bool add_generation_prompt) const = 0;
 };
