@@ -137,7 +137,7 @@ int RunLocalGenerate() {
 
   const Tokenizer& tok = model->tokenizer();
   std::string text = prompt;
-  bool parse_special = false;
+  bool parse_special = false, add_bos = tok.add_bos_by_default();
   if (!absl::GetFlag(FLAGS_raw) && tok.chat_template_kind() != ChatTemplateKind::kNone) {
     std::vector<ChatMessage> messages;
     if (std::string sys = absl::GetFlag(FLAGS_system); !sys.empty()) {
@@ -152,8 +152,9 @@ int RunLocalGenerate() {
     }
     text = *rendered;
     parse_special = true;
+    add_bos = false;  // chat templates write the BOS text themselves
   }
-  std::vector<int32_t> ids = tok.Encode(text, tok.add_bos_by_default(), parse_special);
+  std::vector<int32_t> ids = tok.Encode(text, add_bos, parse_special);
   auto result = Generate(*model, ids, params, [](const SampledToken&, std::string_view piece) {
     std::fwrite(piece.data(), 1, piece.size(), stdout);
     std::fflush(stdout);

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "engine/cpu/simd.h"
 #include "engine/gguf/ggml_types.h"
 #include "engine/util/thread_pool.h"
 
@@ -29,13 +30,7 @@ struct BlockQ8_0 {
 };
 static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ8_0) == 34);
 
-inline float HorizontalSum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
+using simd::HorizontalSum;
 
 // Sum over 32 lanes of u8 a[i] * s8 b[i], as 8 int32 partial sums.
 inline __m256i DotU8S8(__m256i a, __m256i b) {
@@ -94,22 +89,7 @@ float DotQ8_0(const BlockQ8_0* w, const Q8ActBlock* x, int64_t nb) {
   return HorizontalSum(acc);
 }
 
-float DotF32(const float* w, const float* x, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-         a3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-  }
-  for (; i + 8 <= n; i += 8)
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-  float s = HorizontalSum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; i < n; ++i) s += w[i] * x[i];
-  return s;
-}
+inline float DotF32(const float* w, const float* x, int64_t n) { return simd::Dot(w, x, n); }
 
 inline __m256 LoadF16x8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -253,32 +233,52 @@ float DotRowReference(const WeightMatrix& w, int64_t row, const float* x, const 
 }
 
 void MatMul(ThreadPool& pool, const WeightMatrix& w, const float* x, int64_t n_tokens, float* y) {
-  const int64_t cols = w.cols, rows = w.rows, nb = cols / 32;
+  const WeightMatrix* ws[] = {&w};
+  float* ys[] = {y};
+  MatMulMany(pool, ws, x, n_tokens, ys);
+}
+
+void MatMulMany(ThreadPool& pool, std::span<const WeightMatrix* const> ws, const float* x,
+                int64_t n_tokens, std::span<float* const> ys) {
+  const int64_t cols = ws[0]->cols, nb = cols / 32;
   const Q8ActBlock* xq = nullptr;
-  if (UsesQ8Activations(w.type)) {
+  bool any_q8 = false;
+  for (const WeightMatrix* w : ws) any_q8 = any_q8 || UsesQ8Activations(w->type);
+  if (any_q8) {
     tls_xq.resize(static_cast<size_t>(n_tokens * nb));
-    for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t t = 0; t < n_tokens; ++t) {
       QuantizeActivationsQ8(x + t * cols, &tls_xq[t * nb], cols);
+    }
     xq = tls_xq.data();
   }
-  if (!HasDirectKernel(w.type)) {
-    // Dequantize each row once into fp32 and use it for every token.
-    pool.ParallelFor(rows, kRowGrain, [&](int, int64_t r0, int64_t r1) {
-      tls_row.resize(static_cast<size_t>(cols));
-      for (int64_t r = r0; r < r1; ++r) {
-        DequantizeRow(w.type, w.row(r), tls_row.data(), cols);
-        for (int64_t t = 0; t < n_tokens; ++t) {
-          y[t * rows + r] = DotF32(tls_row.data(), x + t * cols, cols);
+  // Global row index space: the matrices' rows one after another.
+  std::vector<int64_t> starts(ws.size() + 1, 0);
+  for (size_t i = 0; i < ws.size(); ++i) starts[i + 1] = starts[i] + ws[i]->rows;
+  pool.ParallelFor(starts.back(), kRowGrain, [&](int, int64_t g0, int64_t g1) {
+    for (size_t m = 0; m < ws.size(); ++m) {
+      const int64_t r0 = std::max(g0, starts[m]) - starts[m];
+      const int64_t r1 = std::min(g1, starts[m + 1]) - starts[m];
+      if (r0 >= r1) continue;
+      const WeightMatrix& w = *ws[m];
+      float* y = ys[m];
+      const int64_t rows = w.rows;
+      if (!HasDirectKernel(w.type)) {
+        // Dequantize each row once into fp32 and use it for every token.
+        tls_row.resize(static_cast<size_t>(cols));
+        for (int64_t r = r0; r < r1; ++r) {
+          DequantizeRow(w.type, w.row(r), tls_row.data(), cols);
+          for (int64_t t = 0; t < n_tokens; ++t) {
+            y[t * rows + r] = DotF32(tls_row.data(), x + t * cols, cols);
+          }
         }
+        continue;
       }
-    });
-    return;
-  }
-  pool.ParallelFor(rows, kRowGrain, [&](int, int64_t r0, int64_t r1) {
-    for (int64_t rb = r0; rb < r1; rb += kRowGrain) {
-      int64_t re = std::min(r1, rb + kRowGrain);
-      for (int64_t t = 0; t < n_tokens; ++t) {
-        DotRows(w, rb, re, x + t * cols, xq ? xq + t * nb : nullptr, y + t * rows);
+      // Blocks of rows small enough to stay in L1/L2 while every token passes over them.
+      for (int64_t rb = r0; rb < r1; rb += kRowGrain) {
+        const int64_t re = std::min(r1, rb + kRowGrain);
+        for (int64_t t = 0; t < n_tokens; ++t) {
+          DotRows(w, rb, re, x + t * cols, xq ? xq + t * nb : nullptr, y + t * rows);
+        }
       }
     }
   });

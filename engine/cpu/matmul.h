@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 #include "engine/model/llama_weights.h"
 
@@ -35,6 +36,11 @@ float DotRowReference(const WeightMatrix& w, int64_t row, const float* x, const 
 
 // y: [n_tokens, w.rows] = x: [n_tokens, w.cols] times w^T.
 void MatMul(ThreadPool& pool, const WeightMatrix& w, const float* x, int64_t n_tokens, float* y);
+
+// Several products over the same activations in one pass over the pool (the activations are
+// quantized once): ys[i]: [n_tokens, ws[i]->rows]. REQUIRES: all ws have the same cols.
+void MatMulMany(ThreadPool& pool, std::span<const WeightMatrix* const> ws, const float* x,
+                int64_t n_tokens, std::span<float* const> ys);
 
 // Gathers row `id` of an embedding matrix (any readable type) into out[cols] as fp32.
 void EmbeddingRow(const WeightMatrix& w, int64_t id, float* out);

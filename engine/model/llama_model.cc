@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_format.h"
 #include "engine/cpu/matmul.h"
+#include "engine/cpu/simd.h"
 #include "engine/util/thread_pool.h"
 
 namespace deft {
@@ -114,7 +115,10 @@ absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, KvCache& cache
   const int64_t H = c.hidden, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
   const int64_t q_dim = nh * hd, kv_dim = nkv * hd, group = nh / nkv;
   const float attn_scale = 1.f / std::sqrt(static_cast<float>(hd));
-  static thread_local Activations act;
+  // The calling thread's buffers; pool workers reach them through this reference (naming the
+  // thread_local inside a worker would give the worker's own, empty, instance).
+  static thread_local Activations tls_act;
+  Activations& act = tls_act;
   act.Resize(c, n);
   const std::vector<double> inv_freq = InverseFrequencies(c);
   ThreadPool& pool = *pool_;
@@ -126,9 +130,11 @@ absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, KvCache& cache
     for (int64_t t = 0; t < n; ++t) {
       RmsNorm(&act.x[t * H], L.attn_norm.data(), &act.xn[t * H], H, c.rms_eps);
     }
-    MatMul(pool, L.wq, act.xn.data(), n, act.q.data());
-    MatMul(pool, L.wk, act.xn.data(), n, act.k.data());
-    MatMul(pool, L.wv, act.xn.data(), n, act.v.data());
+    {
+      const WeightMatrix* ws[] = {&L.wq, &L.wk, &L.wv};
+      float* ys[] = {act.q.data(), act.k.data(), act.v.data()};
+      MatMulMany(pool, ws, act.xn.data(), n, ys);
+    }
     for (int64_t t = 0; t < n; ++t) {
       ApplyRope(&act.q[t * q_dim], nh, c, inv_freq, pos0 + t);
       ApplyRope(&act.k[t * kv_dim], nkv, c, inv_freq, pos0 + t);
@@ -145,10 +151,7 @@ absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, KvCache& cache
         float* s = tls_scores.data();
         float mx = -INFINITY;
         for (int64_t p = 0; p < len; ++p) {
-          const float* kv = cache.k(l, p) + g * hd;
-          float dot = 0.f;
-          for (int64_t d = 0; d < hd; ++d) dot += qv[d] * kv[d];
-          s[p] = dot * attn_scale;
+          s[p] = simd::Dot(qv, cache.k(l, p) + g * hd, hd) * attn_scale;
           mx = std::max(mx, s[p]);
         }
         float sum = 0.f;
@@ -159,9 +162,7 @@ absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, KvCache& cache
         float* o = &act.attn[t * q_dim + h * hd];
         std::fill(o, o + hd, 0.f);
         for (int64_t p = 0; p < len; ++p) {
-          const float* vv = cache.v(l, p) + g * hd;
-          const float pw = s[p] / sum;
-          for (int64_t d = 0; d < hd; ++d) o[d] += pw * vv[d];
+          simd::Axpy(s[p] / sum, cache.v(l, p) + g * hd, o, hd);
         }
       }
     });
@@ -171,8 +172,11 @@ absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, KvCache& cache
     for (int64_t t = 0; t < n; ++t) {
       RmsNorm(&act.x[t * H], L.ffn_norm.data(), &act.xn[t * H], H, c.rms_eps);
     }
-    MatMul(pool, L.w_gate, act.xn.data(), n, act.gate.data());
-    MatMul(pool, L.w_up, act.xn.data(), n, act.up.data());
+    {
+      const WeightMatrix* ws[] = {&L.w_gate, &L.w_up};
+      float* ys[] = {act.gate.data(), act.up.data()};
+      MatMulMany(pool, ws, act.xn.data(), n, ys);
+    }
     const int64_t F = c.ffn_hidden;
     pool.ParallelFor(n * F, 256, [&](int, int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

@@ -91,7 +91,15 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
   }
   if (sleepers_.load() > 0) sleep_cv_.notify_all();
   RunRange(0);
-  while (pending_.load(std::memory_order_acquire) != 0) DEFT_CPU_RELAX();
+  // Spin while the workers are likely running; yield once they may have been descheduled (more
+  // runnable threads than cores), so that they get the core back.
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < kSpinIterations) {
+      DEFT_CPU_RELAX();
+    } else {
+      std::this_thread::yield();
+    }
+  }
   job_ = nullptr;
 }
 
