@@ -133,7 +133,9 @@ std::vector<int32_t> CheckLogitsThenGreedy(LlamaModel& model, const json& p, dou
     EXPECT_LE(err, tolerance) << "position " << pos;
     const json& top5 = rec["top5"];
     const double margin = top5[0]["logit"].get<double>() - top5[1]["logit"].get<double>();
-    if (margin > 0.5) EXPECT_EQ(ArgMax(got, vocab), top5[0]["id"].get<int32_t>()) << pos;
+    if (margin > 0.5) {
+      EXPECT_EQ(ArgMax(got, vocab), top5[0]["id"].get<int32_t>()) << pos;
+    }
   }
   std::vector<int32_t> out;
   std::vector<float> last(logits.end() - vocab, logits.end());

@@ -153,7 +153,9 @@ TEST(Sampler, LogprobsAreRawLogSoftmax) {
   ASSERT_EQ(t.top.size(), 5u);
   for (size_t i = 0; i < t.top.size(); ++i) {
     EXPECT_NEAR(t.top[i].logprob, std::log(probs[t.top[i].id]), 1e-5);
-    if (i) EXPECT_GE(t.top[i - 1].logprob, t.top[i].logprob);
+    if (i > 0) {
+      EXPECT_GE(t.top[i - 1].logprob, t.top[i].logprob);
+    }
   }
   EXPECT_EQ(t.top[0].id, std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
