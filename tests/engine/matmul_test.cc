@@ -79,11 +79,11 @@ TEST_P(MatMulTest, MatchesScalarReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Types, MatMulTest,
-                         ::testing::Combine(::testing::Values(GgmlType::kQ4_0, GgmlType::kQ4_1,
-                                                              GgmlType::kQ8_0, GgmlType::kF32,
-                                                              GgmlType::kF16, GgmlType::kBF16),
-                                            ::testing::Values(1, 5)));
+INSTANTIATE_TEST_SUITE_P(
+    Types, MatMulTest,
+    ::testing::Combine(::testing::Values(GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0,
+                                         GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16),
+                       ::testing::Values(1, 5, 19)));  // 19: two 8-token tiles + 3
 
 TEST(QuantizeActivations, ErrorBoundedByHalfStep) {
   std::mt19937 rng(7);
