@@ -7,3 +7,4 @@ DEFT_MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 DEFT_MODEL=${DEFT_MODEL:-$DEFT_CACHE/models/$DEFT_MODEL_FILE}
 export DEFT_CACHE BUILD_DIR DEFT_MODEL
 export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/ccache}
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$DEFT_ROOT}  # cache hits across clones
