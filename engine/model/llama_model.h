@@ -1,18 +1,23 @@
 // CPU reference forward pass of a Llama-family model: embeddings, RMSNorm, RoPE, grouped-query
 // attention, SwiGLU MLP, output head; batched prefill and single-token decode over a
-// per-sequence KV cache. Matrix-vector products run on a thread pool sized to the cores.
+// per-sequence KV cache (Forward), and batched steps over many trees' tokens in the paged KV
+// pool with attention following a DeFT partition plan (ForwardStep). Matrix-vector products run on
+// a thread pool sized to the cores.
 //
 // Thread safety: Forward() may be called concurrently for different caches (each call uses the
 // shared pool); a KvCache must not be used by two calls at once.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/attention/partition_plan.h"
+#include "engine/kv/kv_block_pool.h"
 #include "engine/model/model_loader.h"
 
 namespace deft {
@@ -55,6 +60,20 @@ class LlamaModel {
   absl::Status Forward(std::span<const int32_t> tokens, KvCache& cache, bool all_logits,
                        std::vector<float>* logits);
 
+  // One decoding step over tokens of many trees, KV in the paged pool: token t sits at
+  // positions[t], its K/V are written to pool slot kv_slots[t] (every layer; -1: a query-only
+  // token whose K/V the pool holds already, recomputed for its logits), then attention
+  // follows `plan` (query t = token t; the plan must include the slots written by this step).
+  // logits: [logit_rows.size(), vocab], one row per listed token index.
+  struct StepInput {
+    std::span<const int32_t> tokens;
+    std::span<const int64_t> positions;
+    std::span<const int32_t> kv_slots;
+    std::span<const int32_t> logit_rows;
+  };
+  absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool, const PartitionPlan& plan,
+                           std::vector<float>* logits);
+
   KvCache NewCache(int64_t capacity) const { return KvCache(model_->config, capacity); }
   const LlamaConfig& config() const { return model_->config; }
   const Tokenizer& tokenizer() const { return *model_->tokenizer; }
@@ -63,8 +82,20 @@ class LlamaModel {
 
  private:
   LlamaModel() = default;
+  // Where a forward pass keeps its KV: write(layer, token, k, v) stores one token's K/V;
+  // attend(layer, q [n, heads, head_dim], out [n, heads, head_dim]) runs attention for all n.
+  struct KvAccess {
+    std::function<void(int64_t, int64_t, const float*, const float*)> write;
+    std::function<void(int64_t, const float*, float*)> attend;
+  };
+  absl::Status CheckTokens(std::span<const int32_t> tokens) const;
+  void RunTokens(std::span<const int32_t> tokens, std::span<const int64_t> positions,
+                 const KvAccess& kv, std::span<const int32_t> logit_rows,
+                 std::vector<float>* logits);
+
   std::unique_ptr<LoadedModel> model_;
   std::unique_ptr<ThreadPool> pool_;
+  std::vector<double> inv_freq_;  // RoPE inverse frequencies, from the config
 };
 
 }  // namespace deft

@@ -1,0 +1,559 @@
+#include "engine/scheduler/tree_engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_format.h"
+
+namespace deft {
+namespace {
+
+double NowSeconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+struct NodeKey {
+  TreeId tree;
+  NodeId node;
+  bool operator==(const NodeKey& o) const { return tree == o.tree && node == o.node; }
+  template <typename H>
+  friend H AbslHashValue(H h, const NodeKey& k) {
+    return H::combine(std::move(h), k.tree, k.node);
+  }
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<TreeEngine>> TreeEngine::Create(std::unique_ptr<LlamaModel> model,
+                                                               const EngineOptions& options) {
+  if (model == nullptr) return absl::InvalidArgumentError("no model");
+  if (options.step_token_budget < 1) {
+    return absl::InvalidArgumentError("step_token_budget must be >= 1");
+  }
+  if (options.block_tokens < 1) return absl::InvalidArgumentError("block_tokens must be >= 1");
+  const LlamaConfig& c = model->config();
+  KvPoolShape shape{c.num_layers, c.num_kv_heads, c.head_dim, options.block_tokens};
+  const int64_t blocks = KvBlockPool::BlocksForBytes(shape, options.kv_pool_bytes);
+  auto pool = KvBlockPool::Create(shape, blocks);
+  if (!pool.ok()) return pool.status();
+  std::unique_ptr<TreeEngine> e(new TreeEngine(std::move(model), options));
+  e->pool_ = std::move(*pool);
+  e->cache_ = std::make_unique<TreeKvCache>(e->pool_.get());
+  e->scheduler_ = std::thread([p = e.get()] { p->SchedulerLoop(); });
+  return e;
+}
+
+TreeEngine::TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& options)
+    : model_(std::move(model)), options_(options), planner_([&] {
+        PlannerOptions p = options.planner;
+        p.mode = options.mode;
+        KvPoolShape s{model_->config().num_layers, model_->config().num_kv_heads,
+                      model_->config().head_dim, options.block_tokens};
+        p.bytes_per_kv_token = s.bytes_per_token();
+        return p;
+      }()) {}
+
+TreeEngine::~TreeEngine() {
+  std::vector<Event> events;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    for (auto& [id, g] : generations_) {
+      for (auto& b : g->branches) {
+        if (!b->done) FinishBranch(*g, *b, FinishReason::kCancelled, &events);
+      }
+    }
+  }
+  work_cv_.notify_all();
+  if (scheduler_.joinable()) scheduler_.join();
+  for (Event& e : events) e.deliver();
+}
+
+absl::StatusOr<TreeId> TreeEngine::CreateTree(std::span<const int32_t> prompt) {
+  const int64_t vocab = model_->config().vocab_size;
+  for (int32_t t : prompt) {
+    if (t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("token id %d is outside the vocabulary [0, %d)", t, vocab));
+    }
+  }
+  if (static_cast<int64_t>(prompt.size()) >= model_->config().context_length) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("the prompt has %d tokens; the model's context holds %d", prompt.size(),
+                        model_->config().context_length));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  return cache_->CreateTree(prompt);
+}
+
+bool TreeEngine::NodeIsGenerating(TreeId tree, NodeId node) const {
+  // True when an active branch's tip is `node` or lies in its subtree.
+  for (const auto& [id, g] : generations_) {
+    for (const auto& b : g->branches) {
+      if (b->done || b->tree != tree) continue;
+      auto path = cache_->Path(tree, b->node);
+      if (!path.ok()) continue;
+      for (const TreeNode* n : *path) {
+        if (n->id == node) return true;
+      }
+    }
+  }
+  return false;
+}
+
+absl::Status TreeEngine::DeleteTree(TreeId tree) {
+  std::vector<Event> events;
+  absl::Status s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!cache_->HasTree(tree)) {
+      return absl::NotFoundError(absl::StrFormat("no tree %d", tree));
+    }
+    for (auto& [id, g] : generations_) {
+      for (auto& b : g->branches) {
+        if (!b->done && b->tree == tree) FinishBranch(*g, *b, FinishReason::kCancelled, &events);
+      }
+    }
+    s = cache_->DeleteTree(tree);
+  }
+  for (Event& e : events) e.deliver();
+  return s;
+}
+
+absl::StatusOr<std::vector<NodeId>> TreeEngine::Fork(TreeId tree, NodeId node, int64_t offset,
+                                                     int32_t count) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto n = cache_->GetNode(tree, node);
+  if (!n.ok()) return n.status();
+  // Splitting a generating tip would move its pending tokens under a new parent mid-step; fork
+  // at its end is fine only when it is not generating (children of a tip would make it a
+  // non-leaf while tokens are being appended to it).
+  if (NodeIsGenerating(tree, node) && (*n)->children.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("node %d of tree %d is generating; cancel it before forking", node, tree));
+  }
+  return cache_->Fork(tree, node, offset, count);
+}
+
+absl::Status TreeEngine::Extend(TreeId tree, NodeId node, std::span<const int32_t> tokens) {
+  const int64_t vocab = model_->config().vocab_size;
+  for (int32_t t : tokens) {
+    if (t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("token id %d is outside the vocabulary [0, %d)", t, vocab));
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (NodeIsGenerating(tree, node)) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("node %d of tree %d is generating", node, tree));
+  }
+  auto n = cache_->GetNode(tree, node);
+  if (!n.ok()) return n.status();
+  if ((*n)->end_position() + static_cast<int64_t>(tokens.size()) >
+      model_->config().context_length) {
+    return absl::OutOfRangeError(
+        absl::StrFormat("extending node %d to %d tokens exceeds the model's context (%d)", node,
+                        (*n)->end_position() + tokens.size(), model_->config().context_length));
+  }
+  return cache_->Extend(tree, node, tokens);
+}
+
+absl::Status TreeEngine::Prune(TreeId tree, NodeId node) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (NodeIsGenerating(tree, node)) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "node %d of tree %d has a generating branch in its subtree; cancel it first", node, tree));
+  }
+  return cache_->Prune(tree, node);
+}
+
+absl::StatusOr<int64_t> TreeEngine::Generate(TreeId tree, std::vector<BranchRequest> branches,
+                                             GenerateCallbacks callbacks) {
+  if (branches.empty()) return absl::InvalidArgumentError("branches: at least one is required");
+  if (static_cast<int32_t>(branches.size()) > options_.max_branches_per_generate) {
+    return absl::InvalidArgumentError(absl::StrFormat("branches: %d requested, at most %d per call",
+                                                      branches.size(),
+                                                      options_.max_branches_per_generate));
+  }
+  const int64_t vocab = model_->config().vocab_size;
+  for (size_t i = 0; i < branches.size(); ++i) {
+    absl::Status s = branches[i].params.Validate(vocab);
+    if (!s.ok()) {
+      return absl::InvalidArgumentError(absl::StrFormat("branches[%d]: %s", i, s.message()));
+    }
+  }
+  auto g = std::make_unique<Generation>();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    absl::flat_hash_set<NodeId> seen;
+    for (size_t i = 0; i < branches.size(); ++i) {
+      const NodeId node = branches[i].node;
+      auto n = cache_->GetNode(tree, node);
+      if (!n.ok()) return n.status();
+      if (!(*n)->children.empty()) {
+        return absl::FailedPreconditionError(
+            absl::StrFormat("branches[%d]: node %d is not a leaf", i, node));
+      }
+      if (!seen.insert(node).second) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("branches[%d]: node %d is listed twice", i, node));
+      }
+      if (NodeIsGenerating(tree, node)) {
+        return absl::FailedPreconditionError(
+            absl::StrFormat("branches[%d]: node %d is already generating", i, node));
+      }
+    }
+    g->id = next_generation_++;
+    g->callbacks = std::move(callbacks);
+    const double now = NowSeconds();
+    for (BranchRequest& r : branches) {
+      auto b = std::make_unique<Branch>();
+      b->generation = g->id;
+      b->tree = tree;
+      b->node = r.node;
+      b->params = std::move(r.params);
+      auto path = cache_->Path(tree, r.node);
+      std::vector<int32_t> history;
+      for (const TreeNode* n : *path)
+        history.insert(history.end(), n->tokens.begin(), n->tokens.end());
+      b->sampler = std::make_unique<Sampler>(b->params, history);
+      b->detok = std::make_unique<StreamingDetokenizer>(model_->tokenizer());
+      b->stops = std::make_unique<StopStringMatcher>(b->params.stop_strings);
+      b->start_s = now;
+      g->branches.push_back(std::move(b));
+    }
+    g->remaining = static_cast<int>(g->branches.size());
+    generations_[g->id] = std::move(g);
+  }
+  work_cv_.notify_all();
+  return next_generation_ - 1;
+}
+
+void TreeEngine::Cancel(int64_t generation) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = generations_.find(generation);
+  if (it != generations_.end()) it->second->cancelled = true;
+  work_cv_.notify_all();
+}
+
+void TreeEngine::WithTrees(const std::function<void(const TreeKvCache&)>& fn) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  fn(*cache_);
+}
+
+StepStats TreeEngine::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+int64_t TreeEngine::free_blocks() const { return pool_->free_blocks(); }
+int64_t TreeEngine::total_blocks() const { return pool_->num_blocks(); }
+
+void TreeEngine::FinishBranch(Generation& g, Branch& b, FinishReason reason,
+                              std::vector<Event>* events) {
+  if (b.done) return;
+  b.done = true;
+  --g.remaining;
+  // Text held back (partial UTF-8, possible stop-string prefix) is delivered with the finish.
+  if (reason != FinishReason::kStopString && reason != FinishReason::kCancelled) {
+    bool ignored;
+    std::string tail = b.stops->Push(b.detok->Flush(), &ignored) + b.stops->Flush();
+    if (!tail.empty() && g.callbacks.on_token) {
+      // A text-only event: token id -1 carries the flushed text.
+      events->push_back({[cb = g.callbacks.on_token, node = b.node, tail] {
+        SampledToken none;
+        none.id = -1;
+        cb(node, none, tail);
+      }});
+    }
+  }
+  if (g.callbacks.on_finish) {
+    events->push_back({[cb = g.callbacks.on_finish, node = b.node, reason, usage = b.usage] {
+      cb(node, reason, usage);
+    }});
+  }
+  if (g.remaining == 0 && g.callbacks.on_done) {
+    events->push_back({[cb = g.callbacks.on_done] { cb(absl::OkStatus()); }});
+  }
+}
+
+void TreeEngine::SchedulerLoop() {
+  while (true) {
+    std::vector<Event> events;
+    bool worked;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, [&] { return stop_ || !generations_.empty(); });
+      if (stop_) return;
+      worked = RunStep(&events);
+      for (auto it = generations_.begin(); it != generations_.end();) {
+        if (it->second->remaining == 0) {
+          generations_.erase(it++);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (Event& e : events) e.deliver();
+    if (!worked) std::this_thread::yield();
+  }
+}
+
+bool TreeEngine::RunStep(std::vector<Event>* events) {
+  const LlamaConfig& c = model_->config();
+  const int32_t bt = pool_->block_tokens();
+
+  // 1. Cancelled generations and branches whose tree vanished.
+  std::vector<Branch*> active;
+  for (auto& [id, g] : generations_) {
+    for (auto& b : g->branches) {
+      if (b->done) continue;
+      if (g->cancelled || !cache_->GetNode(b->tree, b->node).ok()) {
+        FinishBranch(*g, *b, FinishReason::kCancelled, events);
+        continue;
+      }
+      active.push_back(b.get());
+    }
+  }
+  if (active.empty()) return false;
+  // Round-robin: rotate the order so a different tree's work goes first each step.
+  std::stable_sort(active.begin(), active.end(),
+                   [](const Branch* a, const Branch* b) { return a->tree < b->tree; });
+  if (!active.empty()) {
+    std::rotate(active.begin(), active.begin() + (round_robin_++ % active.size()), active.end());
+  }
+
+  // 2. What each branch needs: the first node on its path with pending tokens is fed; when the
+  // whole path is computed, the branch needs logits of its path's last token.
+  struct Feed {
+    TreeId tree;
+    NodeId node;
+    int64_t count = 0;
+    std::vector<int32_t> slots;
+  };
+  std::vector<Feed> feeds;
+  absl::flat_hash_map<NodeKey, size_t> feed_index;
+  struct LogitNeed {
+    Branch* branch;
+    NodeKey key;      // node whose last fed/computed token gives the logits
+    bool query_only;  // the token's KV is stored already
+  };
+  std::vector<LogitNeed> needs;
+  int64_t budget = options_.step_token_budget;
+  // Decode tips first (one pending token each), then prefill chunks.
+  for (int pass = 0; pass < 2; ++pass) {
+    for (Branch* b : active) {
+      auto path = cache_->Path(b->tree, b->node);
+      const TreeNode* first_pending = nullptr;
+      for (const TreeNode* n : *path) {
+        if (n->num_computed < n->length()) {
+          first_pending = n;
+          break;
+        }
+      }
+      if (first_pending == nullptr) {
+        if (pass == 0) {
+          const TreeNode* last = nullptr;
+          for (const TreeNode* n : *path) {
+            if (n->length() > 0) last = n;
+          }
+          needs.push_back({b, {b->tree, last->id}, true});
+        }
+        continue;
+      }
+      const int64_t pending = first_pending->length() - first_pending->num_computed;
+      const bool decode = first_pending->id == b->node && pending == 1;
+      if ((pass == 0) != decode) continue;
+      NodeKey key{b->tree, first_pending->id};
+      auto it = feed_index.find(key);
+      if (it == feed_index.end()) {
+        if (budget <= 0) continue;
+        const int64_t count = std::min(pending, budget);
+        budget -= count;
+        feed_index[key] = feeds.size();
+        feeds.push_back({b->tree, first_pending->id, count, {}});
+        it = feed_index.find(key);
+      }
+      if (first_pending->id == b->node && feeds[it->second].count == pending) {
+        needs.push_back({b, key, false});
+      }
+    }
+  }
+
+  // 3. Reserve KV slots; a node that cannot get blocks waits (or fails when nothing can run).
+  std::vector<Feed> runnable;
+  absl::Status exhausted;
+  for (Feed& f : feeds) {
+    auto slots = cache_->ReserveSlots(f.tree, f.node, f.count);
+    if (!slots.ok()) {
+      exhausted = slots.status();
+      continue;
+    }
+    f.slots = std::move(*slots);
+    runnable.push_back(std::move(f));
+  }
+  feed_index.clear();
+  for (size_t i = 0; i < runnable.size(); ++i) {
+    feed_index[{runnable[i].tree, runnable[i].node}] = i;
+  }
+  needs.erase(std::remove_if(
+                  needs.begin(), needs.end(),
+                  [&](const LogitNeed& n) { return !n.query_only && !feed_index.contains(n.key); }),
+              needs.end());
+  if (runnable.empty() && needs.empty()) {
+    // Nothing fits in the pool: fail every active branch rather than spin.
+    for (auto& [id, g] : generations_) {
+      bool hit = false;
+      for (auto& b : g->branches) {
+        if (!b->done) {
+          b->done = true;
+          hit = true;
+        }
+      }
+      if (hit) {
+        g->remaining = 0;
+        if (g->callbacks.on_done) {
+          events->push_back({[cb = g->callbacks.on_done, s = exhausted] { cb(s); }});
+        }
+      }
+    }
+    return false;
+  }
+
+  // 4. Segments (every node on the paths involved), tokens and queries.
+  std::vector<std::vector<int32_t>> seg_slots;
+  std::vector<PlanSegment> segments;
+  absl::flat_hash_map<NodeKey, int32_t> seg_index;
+  auto segment_of = [&](TreeId tree, NodeId node) -> int32_t {
+    auto path = cache_->Path(tree, node);
+    int32_t parent = -1;
+    for (const TreeNode* n : *path) {
+      NodeKey key{tree, n->id};
+      auto it = seg_index.find(key);
+      if (it != seg_index.end()) {
+        parent = it->second;
+        continue;
+      }
+      std::vector<int32_t> slots;
+      for (int64_t i = 0; i < n->num_computed; ++i) slots.push_back(TreeKvCache::SlotOf(*n, i, bt));
+      auto fit = feed_index.find(key);
+      if (fit != feed_index.end()) {
+        const auto& extra = runnable[fit->second].slots;
+        slots.insert(slots.end(), extra.begin(), extra.end());
+      }
+      const int32_t idx = static_cast<int32_t>(seg_slots.size());
+      seg_slots.push_back(std::move(slots));
+      segments.push_back({parent, {}});
+      seg_index[key] = idx;
+      parent = idx;
+    }
+    return parent;
+  };
+  std::vector<int32_t> tokens, kv_slots, logit_rows;
+  std::vector<int64_t> positions;
+  std::vector<PlanQuery> queries;
+  absl::flat_hash_map<NodeKey, int32_t> last_row;  // node -> row of its last fed token
+  for (size_t i = 0; i < runnable.size(); ++i) {
+    const Feed& f = runnable[i];
+    const TreeNode* n = *cache_->GetNode(f.tree, f.node);
+    const int32_t seg = segment_of(f.tree, f.node);
+    for (int64_t j = 0; j < f.count; ++j) {
+      const int64_t idx = n->num_computed + j;
+      tokens.push_back(n->tokens[idx]);
+      positions.push_back(n->start_position + idx);
+      kv_slots.push_back(f.slots[j]);
+      queries.push_back({seg, static_cast<int32_t>(idx + 1)});
+    }
+    last_row[{f.tree, f.node}] = static_cast<int32_t>(tokens.size()) - 1;
+  }
+  absl::flat_hash_map<NodeKey, int32_t> query_only_row;
+  std::vector<int32_t> need_rows;
+  for (const LogitNeed& need : needs) {
+    int32_t row;
+    if (!need.query_only) {
+      row = last_row.at(need.key);
+    } else {
+      auto it = query_only_row.find(need.key);
+      if (it == query_only_row.end()) {
+        const TreeNode* n = *cache_->GetNode(need.key.tree, need.key.node);
+        const int32_t seg = segment_of(need.key.tree, need.key.node);
+        tokens.push_back(n->tokens.back());
+        positions.push_back(n->end_position() - 1);
+        kv_slots.push_back(-1);  // stored already
+        queries.push_back({seg, static_cast<int32_t>(n->length())});
+        it = query_only_row.emplace(need.key, static_cast<int32_t>(tokens.size()) - 1).first;
+      }
+      row = it->second;
+    }
+    auto pos = std::find(logit_rows.begin(), logit_rows.end(), row);
+    need_rows.push_back(static_cast<int32_t>(pos - logit_rows.begin()));
+    if (pos == logit_rows.end()) logit_rows.push_back(row);
+  }
+  for (size_t i = 0; i < segments.size(); ++i) segments[i].slots = seg_slots[i];
+
+  // 5. Plan and run.
+  absl::Status s = planner_.Plan(segments, queries, &plan_);
+  std::vector<float> logits;
+  if (s.ok()) {
+    LlamaModel::StepInput step{tokens, positions, kv_slots, logit_rows};
+    s = model_->ForwardStep(step, *pool_, plan_, &logits);
+  }
+  if (!s.ok()) {
+    // A bug, not bad input: end everything that took part with the error.
+    for (auto& [id, g] : generations_) {
+      for (auto& b : g->branches) b->done = true;
+      g->remaining = 0;
+      if (g->callbacks.on_done) events->push_back({[cb = g->callbacks.on_done, s] { cb(s); }});
+    }
+    return false;
+  }
+  ++stats_.steps;
+  stats_.tokens_fed += static_cast<int64_t>(tokens.size());
+  stats_.kv_bytes_read += plan_.kv_bytes_read;
+  stats_.kv_bytes_floor += plan_.kv_bytes_floor;
+  for (const Feed& f : runnable) {
+    absl::Status m = cache_->MarkComputed(f.tree, f.node, f.count);
+    (void)m;  // cannot fail: the slots were reserved for exactly these tokens
+  }
+
+  // 6. Sample, append, stream, finish.
+  const int64_t vocab = c.vocab_size;
+  const std::vector<int32_t>& eog = model_->tokenizer().end_of_generation_ids();
+  const double now = NowSeconds();
+  for (size_t i = 0; i < needs.size(); ++i) {
+    Branch& b = *needs[i].branch;
+    Generation& g = *generations_.at(b.generation);
+    std::span<const float> row(logits.data() + need_rows[i] * vocab, static_cast<size_t>(vocab));
+    SampledToken tok = b.sampler->Sample(row);
+    if (b.usage.completion_tokens == 0) b.usage.time_to_first_token_s = now - b.start_s;
+    ++b.usage.completion_tokens;
+    const int32_t id = tok.id;
+    (void)cache_->Extend(b.tree, b.node, {&id, 1});
+    const bool stop_token =
+        std::find(b.params.stop_token_ids.begin(), b.params.stop_token_ids.end(), id) !=
+            b.params.stop_token_ids.end() ||
+        (!b.params.ignore_eos && std::find(eog.begin(), eog.end(), id) != eog.end());
+    bool stop_string = false;
+    std::string piece;
+    if (!stop_token) piece = b.stops->Push(b.detok->Push(id), &stop_string);
+    if (g.callbacks.on_token) {
+      events->push_back(
+          {[cb = g.callbacks.on_token, node = b.node, tok, piece] { cb(node, tok, piece); }});
+    }
+    const TreeNode* tip = *cache_->GetNode(b.tree, b.node);
+    if (stop_token) {
+      FinishBranch(g, b, FinishReason::kStopToken, events);
+    } else if (stop_string) {
+      FinishBranch(g, b, FinishReason::kStopString, events);
+    } else if (b.usage.completion_tokens >= b.params.max_tokens) {
+      FinishBranch(g, b, FinishReason::kLength, events);
+    } else if (tip->end_position() >= c.context_length) {
+      FinishBranch(g, b, FinishReason::kContextFull, events);
+    }
+  }
+  return true;
+}
+
+}  // namespace deft

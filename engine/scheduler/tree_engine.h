@@ -1,0 +1,150 @@
+// TreeEngine: the thread-safe engine API the server calls. It owns the model, the paged KV pool,
+// the trees, and a scheduler thread that runs continuous-batching steps: each step feeds every
+// active branch tip of every tree its pending token, plus chunks of pending prompts/extensions
+// under a per-step token budget (round-robin across trees), builds the DeFT plan for the chosen
+// attention mode, runs one ForwardStep, samples, and streams tokens to callbacks.
+//
+// Node semantics are those of TreeKvCache (engine/tree/tree_kv_cache.h): a sampled token is
+// appended to its branch tip as a pending token and its KV is computed by the next step. A
+// generating tip with no tokens of its own (a fresh fork) samples from the logits of the last
+// token of its path, recomputed as a query-only token (its KV is already stored).
+//
+// Thread safety: every public method may be called from any thread. Callbacks run on the
+// scheduler thread without the engine lock held; they must not block for long, and may call
+// back into the engine.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "engine/attention/partition_plan.h"
+#include "engine/model/generate.h"
+#include "engine/model/llama_model.h"
+#include "engine/sampler/sampler.h"
+#include "engine/tree/tree_kv_cache.h"
+
+namespace deft {
+
+struct EngineOptions {
+  AttentionMode mode = AttentionMode::kFlatten;
+  int64_t kv_pool_bytes = int64_t{512} << 20;
+  int32_t block_tokens = 16;
+  int32_t step_token_budget = 512;  // tokens fed per step (decode tips + prefill chunks)
+  int32_t max_branches_per_generate = 256;
+  PlannerOptions planner;  // mode is taken from `mode`
+};
+
+// One branch of a Generate call.
+struct BranchRequest {
+  NodeId node = kNoNode;  // a leaf
+  SamplingParams params;
+};
+
+struct BranchUsage {
+  int64_t completion_tokens = 0;
+  double time_to_first_token_s = 0;
+};
+
+// Callbacks of a Generate call; `node` tells which branch.
+struct GenerateCallbacks {
+  std::function<void(NodeId node, const SampledToken& token, std::string_view text)> on_token;
+  std::function<void(NodeId node, FinishReason reason, const BranchUsage& usage)> on_finish;
+  // Called once when every branch has finished (or the request failed: status not ok).
+  std::function<void(const absl::Status& status)> on_done;
+};
+
+struct StepStats {
+  int64_t steps = 0;
+  int64_t tokens_fed = 0;
+  int64_t kv_bytes_read = 0;
+  int64_t kv_bytes_floor = 0;
+};
+
+class TreeEngine {
+ public:
+  static absl::StatusOr<std::unique_ptr<TreeEngine>> Create(std::unique_ptr<LlamaModel> model,
+                                                            const EngineOptions& options);
+  ~TreeEngine();  // stops the scheduler; pending generations end with CANCELLED
+
+  absl::StatusOr<TreeId> CreateTree(std::span<const int32_t> prompt);
+  absl::Status DeleteTree(TreeId tree);
+  absl::StatusOr<std::vector<NodeId>> Fork(TreeId tree, NodeId node, int64_t offset, int32_t count);
+  absl::Status Extend(TreeId tree, NodeId node, std::span<const int32_t> tokens);
+  // FAILED_PRECONDITION while a generation runs in the subtree.
+  absl::Status Prune(TreeId tree, NodeId node);
+
+  // Starts generating on the given leaves; returns an id for Cancel. Errors up front:
+  // INVALID_ARGUMENT (no branches, too many, bad params, a node twice), NOT_FOUND,
+  // FAILED_PRECONDITION (not a leaf, already generating).
+  absl::StatusOr<int64_t> Generate(TreeId tree, std::vector<BranchRequest> branches,
+                                   GenerateCallbacks callbacks);
+  // Stops a generation: its branches finish with kCancelled. No-op for an unknown id.
+  void Cancel(int64_t generation);
+
+  // Runs `fn` with the engine locked, for consistent reads of the trees.
+  void WithTrees(const std::function<void(const TreeKvCache&)>& fn) const;
+
+  LlamaModel& model() { return *model_; }
+  const EngineOptions& options() const { return options_; }
+  StepStats stats() const;
+  int64_t free_blocks() const;
+  int64_t total_blocks() const;
+
+ private:
+  struct Branch {
+    int64_t generation = 0;
+    TreeId tree = 0;
+    NodeId node = kNoNode;
+    SamplingParams params;
+    std::unique_ptr<Sampler> sampler;
+    std::unique_ptr<StreamingDetokenizer> detok;
+    std::unique_ptr<StopStringMatcher> stops;
+    BranchUsage usage;
+    double start_s = 0;
+    bool done = false;
+  };
+  struct Generation {
+    int64_t id = 0;
+    std::vector<std::unique_ptr<Branch>> branches;
+    GenerateCallbacks callbacks;
+    int remaining = 0;
+    bool cancelled = false;
+  };
+  // Events produced under the lock, delivered after it is released.
+  struct Event {
+    std::function<void()> deliver;
+  };
+
+  TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& options);
+  void SchedulerLoop();
+  // Builds and runs one step; returns false when there was nothing to do.
+  bool RunStep(std::vector<Event>* events);
+  void FinishBranch(Generation& g, Branch& b, FinishReason reason, std::vector<Event>* events);
+  bool NodeIsGenerating(TreeId tree, NodeId node) const;
+
+  std::unique_ptr<LlamaModel> model_;
+  EngineOptions options_;
+  std::unique_ptr<KvBlockPool> pool_;
+  std::unique_ptr<TreeKvCache> cache_;
+  PartitionPlanner planner_;
+  PartitionPlan plan_;
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;
+  bool stop_ = false;
+  int64_t next_generation_ = 1;
+  absl::flat_hash_map<int64_t, std::unique_ptr<Generation>> generations_;
+  size_t round_robin_ = 0;  // rotates which tree's prefill goes first
+  StepStats stats_;
+  std::thread scheduler_;
+};
+
+}  // namespace deft
