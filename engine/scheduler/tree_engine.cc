@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
@@ -554,6 +555,266 @@ bool TreeEngine::RunStep(std::vector<Event>* events) {
     }
   }
   return true;
+}
+
+}  // namespace deft
+
+namespace deft {
+
+absl::StatusOr<VerifyResult> TreeEngine::Verify(TreeId tree, NodeId node,
+                                                std::span<const int32_t> draft,
+                                                std::span<const int32_t> parents,
+                                                const SamplingParams& params) {
+  const LlamaConfig& c = model_->config();
+  const int64_t n = static_cast<int64_t>(draft.size());
+  if (n == 0) return absl::InvalidArgumentError("draft_tokens: at least one token is required");
+  if (n > kMaxDraftTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("draft_tokens: %d tokens, at most %d", n, kMaxDraftTokens));
+  }
+  if (static_cast<int64_t>(parents.size()) != n) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("draft_parents has %d entries for %d draft tokens", parents.size(), n));
+  }
+  std::vector<int32_t> depth(static_cast<size_t>(n), 1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (draft[i] < 0 || draft[i] >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("draft_tokens[%d]: token id %d is outside the vocabulary [0, %d)", i,
+                          draft[i], c.vocab_size));
+    }
+    const int32_t p = parents[i];
+    if (p == i) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("draft_parents[%d]: a token cannot be its own parent (cycle)", i));
+    }
+    if (p < -1 || p >= n) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("draft_parents[%d] = %d is out of range [-1, %d)", i, p, n));
+    }
+    if (p > i) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "draft_parents[%d] = %d: a parent must come before its child (list the tree in "
+          "topological order; a later parent can form a cycle)",
+          i, p));
+    }
+    if (p >= 0) depth[i] = depth[p] + 1;
+  }
+  absl::Status s = params.Validate(c.vocab_size);
+  if (!s.ok()) return s;
+
+  std::lock_guard<std::mutex> lock(mu_);
+  auto tip_or = cache_->GetNode(tree, node);
+  if (!tip_or.ok()) return tip_or.status();
+  if (!(*tip_or)->children.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("node %d of tree %d is not a leaf", node, tree));
+  }
+  if (NodeIsGenerating(tree, node)) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("node %d of tree %d is generating", node, tree));
+  }
+  const int32_t max_depth = *std::max_element(depth.begin(), depth.end());
+  if ((*tip_or)->end_position() + max_depth + 1 > c.context_length) {
+    return absl::OutOfRangeError(
+        absl::StrFormat("the draft would reach position %d; the model's context holds %d",
+                        (*tip_or)->end_position() + max_depth + 1, c.context_length));
+  }
+  const int32_t bt = pool_->block_tokens();
+
+  // Temporary blocks for the draft's KV.
+  std::vector<int32_t> temp_blocks;
+  s = pool_->AllocateMany((n + bt - 1) / bt, &temp_blocks);
+  if (!s.ok()) return s;
+  struct TempRelease {
+    KvBlockPool* pool;
+    std::vector<int32_t>* blocks;
+    ~TempRelease() {
+      for (int32_t b : *blocks) pool->Release(b);
+    }
+  } release{pool_.get(), &temp_blocks};
+  auto draft_slot = [&](int64_t i) {
+    return temp_blocks[i / bt] * bt + static_cast<int32_t>(i % bt);
+  };
+
+  // Nodes above the tip with pending tokens are prefilled first; the tip's own pending tokens
+  // are computed in the verification step itself.
+  {
+    auto path = *cache_->Path(tree, node);
+    for (size_t i = 0; i + 1 < path.size(); ++i) {
+      if (path[i]->num_computed < path[i]->length()) {
+        s = ComputePendingLocked(tree, path[i]->id);
+        if (!s.ok()) return s;
+      }
+    }
+  }
+  auto path = *cache_->Path(tree, node);
+  std::vector<PlanSegment> segments;
+  std::vector<std::vector<int32_t>> seg_slots;
+  std::vector<int32_t> tokens, kv_slots, logit_rows;
+  std::vector<int64_t> positions;
+  std::vector<PlanQuery> queries;
+  std::vector<std::pair<NodeId, int64_t>> marked;
+  int32_t tip_row = -1;
+  const TreeNode* last_nonempty = nullptr;
+  for (const TreeNode* nd : path) {
+    const int64_t pending = nd->length() - nd->num_computed;
+    std::vector<int32_t> reserved;
+    if (pending > 0) {
+      auto r = cache_->ReserveSlots(tree, nd->id, pending);
+      if (!r.ok()) return r.status();
+      reserved = std::move(*r);
+    }
+    std::vector<int32_t> slots;
+    for (int64_t i = 0; i < nd->num_computed; ++i) slots.push_back(TreeKvCache::SlotOf(*nd, i, bt));
+    const int32_t seg = static_cast<int32_t>(seg_slots.size());
+    for (int64_t j = 0; j < pending; ++j) {
+      const int64_t idx = nd->num_computed + j;
+      tokens.push_back(nd->tokens[idx]);
+      positions.push_back(nd->start_position + idx);
+      kv_slots.push_back(reserved[j]);
+      queries.push_back({seg, static_cast<int32_t>(idx + 1)});
+      tip_row = static_cast<int32_t>(tokens.size()) - 1;
+    }
+    slots.insert(slots.end(), reserved.begin(), reserved.end());
+    seg_slots.push_back(std::move(slots));
+    segments.push_back({seg - 1, {}});
+    if (pending > 0) marked.push_back({nd->id, pending});
+    if (nd->length() > 0) last_nonempty = nd;
+  }
+  const int32_t tip_seg = static_cast<int32_t>(seg_slots.size()) - 1;
+  if (tip_row < 0) {
+    // Nothing pending: recompute the path's last token as a query-only row for its logits.
+    int32_t seg = 0;
+    for (size_t i = 0; i < path.size(); ++i) {
+      if (path[i] == last_nonempty) seg = static_cast<int32_t>(i);
+    }
+    tokens.push_back(last_nonempty->tokens.back());
+    positions.push_back(last_nonempty->end_position() - 1);
+    kv_slots.push_back(-1);
+    queries.push_back({seg, static_cast<int32_t>(last_nonempty->length())});
+    tip_row = static_cast<int32_t>(tokens.size()) - 1;
+  }
+  logit_rows.push_back(tip_row);
+  const int64_t tip_end = (*tip_or)->end_position();
+  std::vector<int32_t> draft_row(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t seg = static_cast<int32_t>(seg_slots.size());
+    seg_slots.push_back({draft_slot(i)});
+    segments.push_back({parents[i] < 0 ? tip_seg : tip_seg + 1 + parents[i], {}});
+    tokens.push_back(draft[i]);
+    positions.push_back(tip_end + depth[i] - 1);
+    kv_slots.push_back(draft_slot(i));
+    queries.push_back({seg, 1});
+    draft_row[i] = static_cast<int32_t>(logit_rows.size());
+    logit_rows.push_back(static_cast<int32_t>(tokens.size()) - 1);
+  }
+  for (size_t i = 0; i < segments.size(); ++i) segments[i].slots = seg_slots[i];
+
+  s = planner_.Plan(segments, queries, &plan_);
+  std::vector<float> logits;
+  if (s.ok()) {
+    LlamaModel::StepInput step{tokens, positions, kv_slots, logit_rows};
+    s = model_->ForwardStep(step, *pool_, plan_, &logits);
+  }
+  if (!s.ok()) return s;
+  ++stats_.steps;
+  stats_.tokens_fed += static_cast<int64_t>(tokens.size());
+  stats_.kv_bytes_read += plan_.kv_bytes_read;
+  stats_.kv_bytes_floor += plan_.kv_bytes_floor;
+  for (const auto& [id, count] : marked) (void)cache_->MarkComputed(tree, id, count);
+
+  // Walk the draft tree.
+  const int64_t vocab = c.vocab_size;
+  std::vector<int32_t> history;
+  for (const TreeNode* nd : path)
+    history.insert(history.end(), nd->tokens.begin(), nd->tokens.end());
+  Sampler sampler(params, history);
+  VerifyResult result;
+  int32_t row = 0, at = -1;
+  while (true) {
+    std::span<const float> lg(logits.data() + static_cast<size_t>(row) * vocab,
+                              static_cast<size_t>(vocab));
+    SampledToken t = sampler.Sample(lg);
+    result.tokens.push_back(t.id);
+    result.logprobs.push_back(t.logprob);
+    int32_t next = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (parents[i] == at && draft[i] == t.id) {
+        next = static_cast<int32_t>(i);
+        break;
+      }
+    }
+    if (next < 0) break;
+    result.accepted.push_back(next);
+    at = next;
+    row = draft_row[next];
+  }
+
+  // Commit: accepted tokens with their KV copied from the draft slots; the bonus stays pending.
+  s = cache_->Extend(tree, node, result.tokens);
+  if (!s.ok()) return s;
+  const int64_t n_acc = static_cast<int64_t>(result.accepted.size());
+  if (n_acc > 0) {
+    auto dst = cache_->ReserveSlots(tree, node, n_acc);
+    if (dst.ok()) {
+      const int64_t kv_dim = pool_->kv_dim();
+      for (int64_t l = 0; l < c.num_layers; ++l) {
+        for (int64_t i = 0; i < n_acc; ++i) {
+          const int32_t src = draft_slot(result.accepted[i]);
+          std::memcpy(pool_->k(l, (*dst)[i]), pool_->k(l, src), kv_dim * sizeof(float));
+          std::memcpy(pool_->v(l, (*dst)[i]), pool_->v(l, src), kv_dim * sizeof(float));
+        }
+      }
+      (void)cache_->MarkComputed(tree, node, n_acc);
+    }
+    // Without room to copy, the accepted tokens simply stay pending and are recomputed.
+  }
+  return result;
+}
+
+absl::Status TreeEngine::ComputePendingLocked(TreeId tree, NodeId node) {
+  const int32_t bt = pool_->block_tokens();
+  auto path_or = cache_->Path(tree, node);
+  if (!path_or.ok()) return path_or.status();
+  const std::vector<const TreeNode*>& path = *path_or;
+  const TreeNode* nd = path.back();
+  const int64_t pending = nd->length() - nd->num_computed;
+  if (pending == 0) return absl::OkStatus();
+  auto reserved = cache_->ReserveSlots(tree, node, pending);
+  if (!reserved.ok()) return reserved.status();
+  std::vector<std::vector<int32_t>> seg_slots;
+  std::vector<PlanSegment> segments;
+  for (const TreeNode* p : path) {
+    std::vector<int32_t> slots;
+    for (int64_t i = 0; i < p->num_computed; ++i) slots.push_back(TreeKvCache::SlotOf(*p, i, bt));
+    if (p == nd) slots.insert(slots.end(), reserved->begin(), reserved->end());
+    segments.push_back({static_cast<int32_t>(seg_slots.size()) - 1, {}});
+    seg_slots.push_back(std::move(slots));
+  }
+  for (size_t i = 0; i < segments.size(); ++i) segments[i].slots = seg_slots[i];
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> positions;
+  std::vector<PlanQuery> queries;
+  const int32_t seg = static_cast<int32_t>(segments.size()) - 1;
+  for (int64_t j = 0; j < pending; ++j) {
+    const int64_t idx = nd->num_computed + j;
+    tokens.push_back(nd->tokens[idx]);
+    positions.push_back(nd->start_position + idx);
+    queries.push_back({seg, static_cast<int32_t>(idx + 1)});
+  }
+  absl::Status s = planner_.Plan(segments, queries, &plan_);
+  std::vector<float> logits;
+  if (s.ok()) {
+    LlamaModel::StepInput step{tokens, positions, *reserved, {}};
+    s = model_->ForwardStep(step, *pool_, plan_, &logits);
+  }
+  if (!s.ok()) return s;
+  ++stats_.steps;
+  stats_.tokens_fed += pending;
+  stats_.kv_bytes_read += plan_.kv_bytes_read;
+  stats_.kv_bytes_floor += plan_.kv_bytes_floor;
+  return cache_->MarkComputed(tree, node, pending);
 }
 
 }  // namespace deft

@@ -61,6 +61,15 @@ struct GenerateCallbacks {
   std::function<void(const absl::Status& status)> on_done;
 };
 
+// Result of verifying a draft token tree.
+struct VerifyResult {
+  std::vector<int32_t> accepted;  // draft indices accepted, root first
+  // The committed tokens: the accepted draft tokens, then the model's own next token (the
+  // "bonus" token, which is always appended and left pending).
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;  // raw-distribution log-probability of each committed token
+};
+
 struct StepStats {
   int64_t steps = 0;
   int64_t tokens_fed = 0;
@@ -70,6 +79,7 @@ struct StepStats {
 
 class TreeEngine {
  public:
+  static constexpr int64_t kMaxDraftTokens = 1024;
   static absl::StatusOr<std::unique_ptr<TreeEngine>> Create(std::unique_ptr<LlamaModel> model,
                                                             const EngineOptions& options);
   ~TreeEngine();  // stops the scheduler; pending generations end with CANCELLED
@@ -88,6 +98,21 @@ class TreeEngine {
                                    GenerateCallbacks callbacks);
   // Stops a generation: its branches finish with kCancelled. No-op for an unknown id.
   void Cancel(int64_t generation);
+
+  // Speculative verification of a draft token tree under leaf `node`: draft token i is
+  // `tokens[i]`, its parent `parents[i]` (-1: the node itself; otherwise an earlier index). All
+  // draft tokens are scored in one tree-attention step (each sees the path and its own draft
+  // ancestors). Acceptance walks down from the node: greedy (params.temperature == 0) takes the
+  // model's argmax, otherwise a token is sampled with `params` (exactly the target distribution);
+  // when a child carries that token it is accepted and the walk continues from it, otherwise the
+  // token is the bonus and the walk ends. The accepted tokens (their KV kept from the
+  // verification step) and the bonus (pending) are appended to `node`. Runs synchronously.
+  // Errors: INVALID_ARGUMENT naming the bad draft index (parent out of range, a parent that does
+  // not come before its child, a token outside the vocabulary), NOT_FOUND, FAILED_PRECONDITION
+  // (not a leaf, generating), OUT_OF_RANGE (past the context), RESOURCE_EXHAUSTED (pool).
+  absl::StatusOr<VerifyResult> Verify(TreeId tree, NodeId node, std::span<const int32_t> tokens,
+                                      std::span<const int32_t> parents,
+                                      const SamplingParams& params);
 
   // Runs `fn` with the engine locked, for consistent reads of the trees.
   void WithTrees(const std::function<void(const TreeKvCache&)>& fn) const;
@@ -129,6 +154,9 @@ class TreeEngine {
   bool RunStep(std::vector<Event>* events);
   void FinishBranch(Generation& g, Branch& b, FinishReason reason, std::vector<Event>* events);
   bool NodeIsGenerating(TreeId tree, NodeId node) const;
+  // Computes every pending token of `node` in one step (its ancestors must be computed).
+  // REQUIRES: mu_ held.
+  absl::Status ComputePendingLocked(TreeId tree, NodeId node);
 
   std::unique_ptr<LlamaModel> model_;
   EngineOptions options_;
