@@ -19,6 +19,8 @@ std::string_view FinishReasonName(FinishReason r) {
       return "context_full";
     case FinishReason::kCancelled:
       return "cancelled";
+    case FinishReason::kDeadlineExceeded:
+      return "deadline_exceeded";
   }
   return "unknown";
 }

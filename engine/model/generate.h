@@ -16,7 +16,14 @@
 
 namespace deft {
 
-enum class FinishReason { kLength, kStopToken, kStopString, kContextFull, kCancelled };
+enum class FinishReason {
+  kLength,
+  kStopToken,
+  kStopString,
+  kContextFull,
+  kCancelled,
+  kDeadlineExceeded,
+};
 std::string_view FinishReasonName(FinishReason r);
 
 struct GenerateResult {

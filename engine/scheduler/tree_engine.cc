@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 
 #include "absl/container/flat_hash_set.h"
@@ -206,6 +207,25 @@ absl::StatusOr<int64_t> TreeEngine::Generate(TreeId tree, std::vector<BranchRequ
             absl::StrFormat("branches[%d]: node %d is already generating", i, node));
       }
     }
+    // Admission: blocks this request needs at most (each branch: the pending tokens on its
+    // path and its new tokens, capped by the context, plus a partly filled block).
+    const int32_t bt = pool_->block_tokens();
+    int64_t need = 0;
+    for (const BranchRequest& r : branches) {
+      auto path = cache_->Path(tree, r.node);
+      int64_t pending = 0;
+      for (const TreeNode* n : *path) pending += n->length() - n->num_computed;
+      const int64_t room = model_->config().context_length - (*path).back()->end_position();
+      need += (pending + std::min<int64_t>(r.params.max_tokens, std::max<int64_t>(room, 0)) +
+               2 * bt - 1) /
+              bt;
+    }
+    if (need > pool_->num_blocks()) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "the request needs up to %d KV blocks of %d tokens; the pool has %d in all (lower "
+          "max_tokens or the number of branches)",
+          need, bt, pool_->num_blocks()));
+    }
     g->id = next_generation_++;
     g->callbacks = std::move(callbacks);
     const double now = NowSeconds();
@@ -258,7 +278,8 @@ void TreeEngine::FinishBranch(Generation& g, Branch& b, FinishReason reason,
   b.done = true;
   --g.remaining;
   // Text held back (partial UTF-8, possible stop-string prefix) is delivered with the finish.
-  if (reason != FinishReason::kStopString && reason != FinishReason::kCancelled) {
+  if (reason != FinishReason::kStopString && reason != FinishReason::kCancelled &&
+      reason != FinishReason::kDeadlineExceeded) {
     bool ignored;
     std::string tail = b.stops->Push(b.detok->Flush(), &ignored) + b.stops->Flush();
     if (!tail.empty() && g.callbacks.on_token) {
@@ -313,6 +334,10 @@ bool TreeEngine::RunStep(std::vector<Event>* events) {
       if (b->done) continue;
       if (g->cancelled || !cache_->GetNode(b->tree, b->node).ok()) {
         FinishBranch(*g, *b, FinishReason::kCancelled, events);
+        continue;
+      }
+      if (g->callbacks.deadline && std::chrono::steady_clock::now() >= *g->callbacks.deadline) {
+        FinishBranch(*g, *b, FinishReason::kDeadlineExceeded, events);
         continue;
       }
       active.push_back(b.get());
@@ -815,6 +840,228 @@ absl::Status TreeEngine::ComputePendingLocked(TreeId tree, NodeId node) {
   stats_.kv_bytes_read += plan_.kv_bytes_read;
   stats_.kv_bytes_floor += plan_.kv_bytes_floor;
   return cache_->MarkComputed(tree, node, pending);
+}
+
+absl::StatusOr<std::vector<float>> TreeEngine::ScoreLeavesLocked(TreeId tree,
+                                                                 std::span<const NodeId> nodes) {
+  const int32_t bt = pool_->block_tokens();
+  // Ancestors first, one node at a time (their tokens are shared by several leaves).
+  for (NodeId leaf : nodes) {
+    auto path = cache_->Path(tree, leaf);
+    if (!path.ok()) return path.status();
+    for (size_t i = 0; i + 1 < path->size(); ++i) {
+      if ((*path)[i]->num_computed < (*path)[i]->length()) {
+        absl::Status s = ComputePendingLocked(tree, (*path)[i]->id);
+        if (!s.ok()) return s;
+      }
+    }
+  }
+  std::vector<std::vector<int32_t>> seg_slots;
+  std::vector<PlanSegment> segments;
+  absl::flat_hash_map<NodeId, int32_t> seg_of;
+  std::vector<int32_t> tokens, kv_slots, rows;
+  std::vector<int64_t> positions;
+  std::vector<PlanQuery> queries;
+  std::vector<std::pair<NodeId, int64_t>> marked;
+  for (NodeId leaf : nodes) {
+    auto path = *cache_->Path(tree, leaf);
+    const TreeNode* last_nonempty = nullptr;
+    int32_t parent = -1, last_nonempty_seg = -1;
+    std::vector<int32_t> reserved;
+    for (const TreeNode* n : path) {
+      auto it = seg_of.find(n->id);
+      if (it == seg_of.end()) {
+        std::vector<int32_t> slots;
+        for (int64_t i = 0; i < n->num_computed; ++i)
+          slots.push_back(TreeKvCache::SlotOf(*n, i, bt));
+        if (n->id == leaf && n->num_computed < n->length()) {
+          auto r = cache_->ReserveSlots(tree, leaf, n->length() - n->num_computed);
+          if (!r.ok()) return r.status();
+          reserved = std::move(*r);
+          slots.insert(slots.end(), reserved.begin(), reserved.end());
+          marked.push_back({leaf, n->length() - n->num_computed});
+        }
+        it = seg_of.emplace(n->id, static_cast<int32_t>(seg_slots.size())).first;
+        seg_slots.push_back(std::move(slots));
+        segments.push_back({parent, {}});
+      }
+      parent = it->second;
+      if (n->length() > 0) {
+        last_nonempty = n;
+        last_nonempty_seg = it->second;
+      }
+    }
+    const TreeNode* tip = path.back();
+    if (!reserved.empty()) {
+      for (size_t j = 0; j < reserved.size(); ++j) {
+        const int64_t idx = tip->num_computed + static_cast<int64_t>(j);
+        tokens.push_back(tip->tokens[idx]);
+        positions.push_back(tip->start_position + idx);
+        kv_slots.push_back(reserved[j]);
+        queries.push_back({parent, static_cast<int32_t>(idx + 1)});
+      }
+    } else {
+      tokens.push_back(last_nonempty->tokens.back());
+      positions.push_back(last_nonempty->end_position() - 1);
+      kv_slots.push_back(-1);
+      queries.push_back({last_nonempty_seg, static_cast<int32_t>(last_nonempty->length())});
+    }
+    rows.push_back(static_cast<int32_t>(tokens.size()) - 1);
+  }
+  for (size_t i = 0; i < segments.size(); ++i) segments[i].slots = seg_slots[i];
+  absl::Status s = planner_.Plan(segments, queries, &plan_);
+  std::vector<float> logits;
+  if (s.ok()) {
+    LlamaModel::StepInput step{tokens, positions, kv_slots, rows};
+    s = model_->ForwardStep(step, *pool_, plan_, &logits);
+  }
+  if (!s.ok()) return s;
+  ++stats_.steps;
+  stats_.tokens_fed += static_cast<int64_t>(tokens.size());
+  stats_.kv_bytes_read += plan_.kv_bytes_read;
+  stats_.kv_bytes_floor += plan_.kv_bytes_floor;
+  for (const auto& [id, count] : marked) (void)cache_->MarkComputed(tree, id, count);
+  return logits;
+}
+
+absl::StatusOr<BeamSearchResult> TreeEngine::BeamSearch(TreeId tree, NodeId node,
+                                                        const BeamSearchOptions& options) {
+  if (options.width < 1 || options.width > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("width must be in [1, 64], got %d", options.width));
+  }
+  if (options.max_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("max_tokens must be >= 1, got %d", options.max_tokens));
+  }
+  if (!std::isfinite(options.length_penalty)) {
+    return absl::InvalidArgumentError("length_penalty must be finite");
+  }
+  const LlamaConfig& c = model_->config();
+  const int64_t vocab = c.vocab_size;
+  const std::vector<int32_t>& eog = model_->tokenizer().end_of_generation_ids();
+  std::lock_guard<std::mutex> lock(mu_);
+  auto start = cache_->GetNode(tree, node);
+  if (!start.ok()) return start.status();
+  if (!(*start)->children.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("node %d of tree %d is not a leaf", node, tree));
+  }
+  if (NodeIsGenerating(tree, node)) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("node %d of tree %d is generating", node, tree));
+  }
+  using Beam = BeamSearchResult::Beam;
+  auto score = [&](const Beam& b) {
+    return b.logprob / std::pow(static_cast<double>(std::max<size_t>(b.tokens.size(), 1)),
+                                options.length_penalty);
+  };
+  // Removes a dead beam's leaf and the ancestors that lead nowhere else, never `node` itself.
+  auto prune_dead = [&](NodeId leaf) {
+    NodeId cur = leaf;
+    while (cur != node) {
+      const TreeNode* n = *cache_->GetNode(tree, cur);
+      const NodeId parent = n->parent;
+      if (!n->children.empty()) break;
+      (void)cache_->Prune(tree, cur);
+      cur = parent;
+    }
+  };
+  std::vector<Beam> live = {Beam{node, {}, 0.0, 0.0, false}};
+  std::vector<Beam> finished;
+  for (int32_t step = 0; step < options.max_tokens && !live.empty(); ++step) {
+    std::vector<NodeId> leaves;
+    for (const Beam& b : live) leaves.push_back(b.node);
+    auto logits = ScoreLeavesLocked(tree, leaves);
+    if (!logits.ok()) return logits.status();
+    struct Cand {
+      size_t beam;
+      int32_t token;
+      double logprob;
+    };
+    std::vector<Cand> cands;
+    for (size_t i = 0; i < live.size(); ++i) {
+      std::span<const float> row(logits->data() + i * vocab, static_cast<size_t>(vocab));
+      for (const TokenLogprob& t : TopLogprobs(row, 2 * options.width)) {
+        cands.push_back({i, t.id, live[i].logprob + t.logprob});
+      }
+    }
+    std::stable_sort(cands.begin(), cands.end(),
+                     [](const Cand& a, const Cand& b) { return a.logprob > b.logprob; });
+    // Take the best `width` continuations; end-of-generation ones become finished hypotheses.
+    std::vector<Cand> chosen;
+    for (const Cand& cd : cands) {
+      if (static_cast<int32_t>(chosen.size()) >= options.width) break;
+      const bool eos =
+          options.stop_at_eos && std::find(eog.begin(), eog.end(), cd.token) != eog.end();
+      if (eos) {
+        if (static_cast<int32_t>(finished.size()) < options.width) {
+          Beam f = live[cd.beam];
+          f.tokens.push_back(cd.token);
+          f.logprob = cd.logprob;
+          f.finished = true;
+          f.score = score(f);
+          finished.push_back(f);  // its node is the parent beam's; no tree change
+        }
+        continue;
+      }
+      chosen.push_back(cd);
+    }
+    // Apply to the tree: beams chosen k times fork k children, once extend in place.
+    std::vector<int> times(live.size(), 0);
+    for (const Cand& cd : chosen) ++times[cd.beam];
+    std::vector<Beam> next;
+    std::vector<std::vector<NodeId>> kids(live.size());
+    for (size_t i = 0; i < live.size(); ++i) {
+      if (times[i] > 1) {
+        const TreeNode* n = *cache_->GetNode(tree, live[i].node);
+        auto k = cache_->Fork(tree, live[i].node, n->length(), times[i]);
+        if (!k.ok()) return k.status();
+        kids[i] = std::move(*k);
+      }
+    }
+    std::vector<int> used(live.size(), 0);
+    for (const Cand& cd : chosen) {
+      Beam b = live[cd.beam];
+      b.node = times[cd.beam] > 1 ? kids[cd.beam][used[cd.beam]++] : live[cd.beam].node;
+      b.tokens.push_back(cd.token);
+      b.logprob = cd.logprob;
+      b.score = score(b);
+      absl::Status s = cache_->Extend(tree, b.node, {&cd.token, 1});
+      if (!s.ok()) return s;
+      next.push_back(std::move(b));
+    }
+    // Beams that were not continued (and were not the parent of a finished hypothesis) die.
+    for (size_t i = 0; i < live.size(); ++i) {
+      bool keeps = times[i] > 0;
+      for (const Beam& f : finished) keeps = keeps || f.node == live[i].node;
+      if (!keeps && live[i].node != node) prune_dead(live[i].node);
+    }
+    live = std::move(next);
+    // Stop once `width` hypotheses have finished (HF's early_stopping=True).
+    if (static_cast<int32_t>(finished.size()) >= options.width) break;
+    const TreeNode* any = live.empty() ? nullptr : *cache_->GetNode(tree, live[0].node);
+    if (any != nullptr && any->end_position() >= c.context_length) break;
+  }
+  BeamSearchResult result;
+  result.beams = finished;
+  result.beams.insert(result.beams.end(), live.begin(), live.end());
+  std::stable_sort(result.beams.begin(), result.beams.end(),
+                   [](const Beam& a, const Beam& b) { return a.score > b.score; });
+  if (static_cast<int32_t>(result.beams.size()) > options.width) {
+    for (size_t i = options.width; i < result.beams.size(); ++i) {
+      const Beam& b = result.beams[i];
+      if (!b.finished && b.node != node) {
+        bool shared = false;
+        for (size_t j = 0; j < static_cast<size_t>(options.width); ++j) {
+          shared = shared || result.beams[j].node == b.node;
+        }
+        if (!shared) prune_dead(b.node);
+      }
+    }
+    result.beams.resize(options.width);
+  }
+  return result;
 }
 
 }  // namespace deft

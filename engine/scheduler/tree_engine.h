@@ -14,12 +14,14 @@
 // back into the engine.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -59,6 +61,8 @@ struct GenerateCallbacks {
   std::function<void(NodeId node, FinishReason reason, const BranchUsage& usage)> on_finish;
   // Called once when every branch has finished (or the request failed: status not ok).
   std::function<void(const absl::Status& status)> on_done;
+  // When set, branches still running at this time finish with kDeadlineExceeded.
+  std::optional<std::chrono::steady_clock::time_point> deadline;
 };
 
 // Result of verifying a draft token tree.
@@ -68,6 +72,24 @@ struct VerifyResult {
   // "bonus" token, which is always appended and left pending).
   std::vector<int32_t> tokens;
   std::vector<float> logprobs;  // raw-distribution log-probability of each committed token
+};
+
+struct BeamSearchOptions {
+  int32_t width = 4;           // beams kept, 1..64
+  int32_t max_tokens = 32;     // new tokens per beam, >= 1
+  float length_penalty = 1.f;  // score = logprob / length^length_penalty (HF convention)
+  bool stop_at_eos = true;     // a beam that emits an end-of-generation token is finished
+};
+
+struct BeamSearchResult {
+  struct Beam {
+    NodeId node = kNoNode;        // leaf holding the beam's last tokens (others are ancestors)
+    std::vector<int32_t> tokens;  // the beam's new tokens
+    double logprob = 0;           // sum of the tokens' log-probabilities
+    double score = 0;             // with the length penalty
+    bool finished = false;        // ended with an end-of-generation token
+  };
+  std::vector<Beam> beams;  // best first
 };
 
 struct StepStats {
@@ -93,7 +115,10 @@ class TreeEngine {
 
   // Starts generating on the given leaves; returns an id for Cancel. Errors up front:
   // INVALID_ARGUMENT (no branches, too many, bad params, a node twice), NOT_FOUND,
-  // FAILED_PRECONDITION (not a leaf, already generating).
+  // FAILED_PRECONDITION (not a leaf, already generating), RESOURCE_EXHAUSTED when the request
+  // could never fit in the KV pool (pending tokens + max_tokens of every branch, capped by the
+  // context). A request that fits the pool but not its free blocks now waits; if no work at all
+  // can proceed for lack of blocks, the waiting generations end with RESOURCE_EXHAUSTED.
   absl::StatusOr<int64_t> Generate(TreeId tree, std::vector<BranchRequest> branches,
                                    GenerateCallbacks callbacks);
   // Stops a generation: its branches finish with kCancelled. No-op for an unknown id.
@@ -113,6 +138,14 @@ class TreeEngine {
   absl::StatusOr<VerifyResult> Verify(TreeId tree, NodeId node, std::span<const int32_t> tokens,
                                       std::span<const int32_t> parents,
                                       const SamplingParams& params);
+
+  // Beam search from leaf `node`, built on fork/extend/prune: every step scores all live beams in
+  // one batched step, keeps the `width` best (beam, token) extensions (a beam chosen k > 1 times
+  // forks k children; chosen once, it is extended in place), and prunes beams that fell out (and
+  // ancestors left with no descendants, down to `node`). The surviving beams stay in the tree.
+  // Runs synchronously. Errors as Generate, plus INVALID_ARGUMENT for width/max_tokens.
+  absl::StatusOr<BeamSearchResult> BeamSearch(TreeId tree, NodeId node,
+                                              const BeamSearchOptions& options);
 
   // Runs `fn` with the engine locked, for consistent reads of the trees.
   void WithTrees(const std::function<void(const TreeKvCache&)>& fn) const;
@@ -157,6 +190,9 @@ class TreeEngine {
   // Computes every pending token of `node` in one step (its ancestors must be computed).
   // REQUIRES: mu_ held.
   absl::Status ComputePendingLocked(TreeId tree, NodeId node);
+  // Logits of the token after each of the distinct leaves `nodes` ([nodes.size(), vocab]),
+  // computing their pending tokens (and their ancestors') first. REQUIRES: mu_ held.
+  absl::StatusOr<std::vector<float>> ScoreLeavesLocked(TreeId tree, std::span<const NodeId> nodes);
 
   std::unique_ptr<LlamaModel> model_;
   EngineOptions options_;

@@ -165,7 +165,7 @@ TEST(TreeEngine, CancelStopsGenerationAndPoolReturnsToBaseline) {
   std::vector<BranchRequest> branches(2);
   for (int i = 0; i < 2; ++i) {
     branches[i].node = (*kids)[i];
-    branches[i].params.max_tokens = 100000;
+    branches[i].params.max_tokens = 2000;  // long; cancelled well before the end
     branches[i].params.ignore_eos = true;
     branches[i].params.seed = i;
   }
@@ -213,6 +213,51 @@ TEST(TreeEngine, BadRequestsGetDistinctErrorsAndOtherTreesKeepWorking) {
   ASSERT_TRUE(engine.Generate(*b, {ok}, Collect(&got)).ok());
   ASSERT_TRUE(got.done.get_future().get().ok());
   EXPECT_EQ(got.tokens[0], GreedyAlone(SharedModel(), prompt, 3));
+}
+
+TEST(TreeEngine, DeadlineEndsGenerationAndFreesNothingOthersNeed) {
+  auto engine_or = TreeEngine::Create(LoadModel(), {});
+  ASSERT_TRUE(engine_or.ok());
+  TreeEngine& engine = **engine_or;
+  const int64_t baseline = engine.free_blocks();
+  auto tree = engine.CreateTree(SharedModel().tokenizer().Encode("Tick tock", false, false));
+  ASSERT_TRUE(tree.ok());
+  Collected got;
+  GenerateCallbacks cb = Collect(&got);
+  cb.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(300);
+  BranchRequest b;
+  b.node = 0;
+  b.params.max_tokens = 4000;
+  b.params.ignore_eos = true;
+  ASSERT_TRUE(engine.Generate(*tree, {b}, cb).ok());
+  ASSERT_TRUE(got.done.get_future().get().ok());
+  EXPECT_EQ(got.finish[0], FinishReason::kDeadlineExceeded);
+  EXPECT_LT(got.tokens[0].size(), 4000u);
+  ASSERT_TRUE(engine.DeleteTree(*tree).ok());
+  EXPECT_EQ(engine.free_blocks(), baseline);
+}
+
+TEST(TreeEngine, RequestThatCanNeverFitIsRefused) {
+  EngineOptions o;
+  o.kv_pool_bytes = int64_t{4} << 20;  // a few hundred tokens of SmolLM2 KV
+  auto engine_or = TreeEngine::Create(LoadModel(), o);
+  ASSERT_TRUE(engine_or.ok());
+  TreeEngine& engine = **engine_or;
+  auto tree = engine.CreateTree(SharedModel().tokenizer().Encode("Grow", false, false));
+  ASSERT_TRUE(tree.ok());
+  BranchRequest b;
+  b.node = 0;
+  b.params.max_tokens = 5000;
+  auto s = engine.Generate(*tree, {b}, {});
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(s.status().message().find("KV blocks"), std::string::npos) << s.status();
+  // A request that fits is admitted and completes.
+  Collected got;
+  b.params.max_tokens = 8;
+  b.params.ignore_eos = true;
+  ASSERT_TRUE(engine.Generate(*tree, {b}, Collect(&got)).ok());
+  ASSERT_TRUE(got.done.get_future().get().ok());
+  EXPECT_EQ(got.tokens[0].size(), 8u);
 }
 
 }  // namespace
