@@ -109,7 +109,9 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "tree_decode: %s\n", std::string(tree.status().message()).c_str());
       return 1;
     }
-    // Prefill: a 1-token generation on the root computes the prompt; then drop that token.
+    // Prefill through a one-token Verify, which computes the prompt's KV in one step. The
+    // branches fork at the prompt's end, so the verify's tokens end up in a sibling node that
+    // does not generate.
     auto t0 = Clock::now();
     auto prefill = engine.Verify(*tree, 0, std::vector<int32_t>{prompt.back()},
                                  std::vector<int32_t>{-1}, deft::SamplingParams{});
@@ -118,7 +120,6 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "tree_decode: %s\n", std::string(prefill.status().message()).c_str());
       return 1;
     }
-    // Fork every branch at the end of the prompt (before the verify's tokens).
     auto kids = engine.Fork(*tree, 0, prompt_tokens, branches);
     if (!kids.ok()) {
       std::fprintf(stderr, "tree_decode: %s\n", std::string(kids.status().message()).c_str());
