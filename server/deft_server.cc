@@ -1,0 +1,130 @@
+#include "server/deft_server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model/model_loader.h"
+#include "server/model_service.h"
+#include "server/tree_service.h"
+
+namespace deft::server {
+namespace {
+
+constexpr const char* kServices[] = {"", "deft.v1.TreeService", "deft.v1.ModelService"};
+
+void SetServing(grpc::Server& server, bool serving) {
+  grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService();
+  if (health == nullptr) return;
+  for (const char* name : kServices) health->SetServingStatus(name, serving);
+}
+
+}  // namespace
+
+std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::string path,
+                                                                           bool exact) {
+  return [path, exact]() -> absl::StatusOr<std::unique_ptr<LlamaModel>> {
+    LoadOptions options;
+    options.dequantize_to_f32 = exact;
+    auto loaded = deft::LoadModel(path, options);
+    if (!loaded.ok()) return loaded.status();
+    return LlamaModel::Create(std::move(*loaded), {});
+  };
+}
+
+absl::StatusOr<std::unique_ptr<DeftServer>> DeftServer::Start(ServerOptions options) {
+  if (!options.load_model) return absl::InvalidArgumentError("no model loader");
+  std::unique_ptr<DeftServer> s(new DeftServer());
+  s->options_ = std::move(options);
+  const ServerOptions& o = s->options_;
+  RequestLimits limits;
+  limits.max_branches = o.max_branches;
+  limits.max_tokens_limit = o.max_tokens_limit;
+  s->state_ = std::make_shared<ServingState>(o.attention_mode, limits, o.owner);
+  s->tree_service_ = std::make_unique<TreeServiceImpl>(s->state_);
+  s->model_service_ = std::make_unique<ModelServiceImpl>(s->state_);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(
+      o.listen, o.credentials ? o.credentials : grpc::InsecureServerCredentials(), &s->port_);
+  builder.RegisterService(s->tree_service_.get());
+  builder.RegisterService(s->model_service_.get());
+  s->server_ = builder.BuildAndStart();
+  if (s->server_ == nullptr || s->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", o.listen));
+  }
+  SetServing(*s->server_, false);
+  s->loader_ = std::thread([p = s.get()] { p->LoadModel(); });
+  return s;
+}
+
+void DeftServer::LoadModel() {
+  absl::Status status;
+  auto model = options_.load_model();
+  if (!model.ok()) {
+    status = model.status();
+  } else {
+    auto engine = TreeEngine::Create(std::move(*model), options_.engine);
+    if (!engine.ok()) {
+      status = engine.status();
+    } else {
+      std::shared_ptr<TreeEngine> shared = std::move(*engine);
+      state_->SetEngine(shared);
+      std::weak_ptr<TreeEngine> weak = shared;
+      state_->registry().StartSweeper(
+          options_.tree_ttl,
+          std::chrono::milliseconds(std::clamp<int64_t>(
+              std::chrono::duration_cast<std::chrono::milliseconds>(options_.tree_ttl).count() / 4,
+              10, 10000)),
+          [weak](TreeId tree) {
+            if (auto e = weak.lock()) e->DeleteTree(tree).IgnoreError();
+          });
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (status.ok() && !shutdown_started_) SetServing(*server_, true);
+  load_status_ = status;
+  cv_.notify_all();
+}
+
+absl::Status DeftServer::WaitUntilLoaded() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return load_status_.has_value(); });
+  return *load_status_;
+}
+
+std::shared_ptr<TreeEngine> DeftServer::engine() {
+  auto ready = state_->GetReady();
+  return ready.ok() ? ready->engine : nullptr;
+}
+
+void DeftServer::Shutdown(std::chrono::milliseconds grace) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (shutdown_started_) return;
+    shutdown_started_ = true;
+  }
+  // Health first, so load balancers stop sending; then drain the open calls for `grace`.
+  // Calls still open at the deadline are cancelled; their reactors cancel their generations.
+  server_->GetHealthCheckService()->Shutdown();
+  server_->Shutdown(std::chrono::system_clock::now() + grace);
+  if (loader_.joinable()) loader_.join();
+  // The engine's destructor stops the scheduler; the registry's sweeper stops with the state.
+  state_->TakeEngine();
+  std::lock_guard<std::mutex> lock(mu_);
+  shutdown_done_ = true;
+  cv_.notify_all();
+}
+
+void DeftServer::Wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return shutdown_done_; });
+}
+
+DeftServer::~DeftServer() { Shutdown(std::chrono::milliseconds(0)); }
+
+}  // namespace deft::server

@@ -1,0 +1,85 @@
+// DeftServer: the whole gRPC server as one object, used by deft-server's main() and, in-process,
+// by the end-to-end tests. Start() listens at once (health NOT_SERVING) and loads the model on a
+// thread; once the engine is up, health turns SERVING and the services answer (UNAVAILABLE
+// before). Services: deft.v1.TreeService, deft.v1.ModelService, grpc.health.v1.Health and server
+// reflection.
+//
+// Shutdown(grace): stops accepting calls, lets open calls (Generate streams) finish for up to
+// `grace`, then cancels what is left (their engine generations are cancelled) and stops.
+//
+// Thread safety: Shutdown and Wait may be called from any thread; the accessors too.
+#pragma once
+
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "engine/scheduler/tree_engine.h"
+#include "server/serving_state.h"
+
+namespace deft::server {
+
+struct ServerOptions {
+  std::string listen = "0.0.0.0:50051";  // "127.0.0.1:0" picks a free port (see port())
+  std::shared_ptr<grpc::ServerCredentials> credentials;  // null: insecure
+  // Loads the model; runs on the loader thread after the server listens.
+  std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> load_model;
+  EngineOptions engine;
+  std::string attention_mode = "flatten";  // reported by GetModelInfo; engine.mode must match
+  int32_t max_branches = 64;
+  int32_t max_tokens_limit = 4096;
+  std::chrono::seconds tree_ttl{3600};  // 0: trees never expire
+  OwnerFn owner;                        // null: every call's owner is ""
+};
+
+// A loader for ServerOptions::load_model: the GGUF file or Hugging Face directory at `path`.
+std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::string path,
+                                                                           bool exact);
+
+class DeftServer {
+ public:
+  // Listening when it returns; the model is loading.
+  static absl::StatusOr<std::unique_ptr<DeftServer>> Start(ServerOptions options);
+  ~DeftServer();  // Shutdown with no grace if still running
+
+  // The port it listens on.
+  int port() const { return port_; }
+  // Blocks until the model has loaded (OK) or failed to load (its error).
+  absl::Status WaitUntilLoaded();
+  void Shutdown(std::chrono::milliseconds grace);
+  // Blocks until Shutdown has completed.
+  void Wait();
+
+  // Test hooks: the engine (null before the model has loaded or after shutdown), the state.
+  std::shared_ptr<TreeEngine> engine();
+  ServingState& state() { return *state_; }
+
+ private:
+  DeftServer() = default;
+  void LoadModel();
+
+  ServerOptions options_;
+  std::shared_ptr<ServingState> state_;
+  std::unique_ptr<grpc::Service> tree_service_;
+  std::unique_ptr<grpc::Service> model_service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::thread loader_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<absl::Status> load_status_;
+  bool shutdown_started_ = false;
+  bool shutdown_done_ = false;
+};
+
+}  // namespace deft::server

@@ -1,0 +1,85 @@
+// ServingState: what the gRPC services share: the engine (absent until the model has loaded), the
+// request limits, the tree registry, the nodes now generating, and how a call's owner is found.
+//
+// Thread safety: every method may be called from any thread.
+#pragma once
+
+#include <grpcpp/server_context.h>
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "engine/scheduler/tree_engine.h"
+#include "server/tree_registry.h"
+#include "server/validation.h"
+
+namespace deft::server {
+
+// The owner of a call's trees (the API key id; "" when auth is off).
+using OwnerFn = std::function<std::string(const grpc::CallbackServerContext&)>;
+
+class ServingState {
+ public:
+  struct Ready {
+    std::shared_ptr<TreeEngine> engine;
+    RequestLimits limits;  // vocab_size and context_length filled in
+  };
+
+  ServingState(std::string attention_mode, RequestLimits limits, OwnerFn owner)
+      : attention_mode_(std::move(attention_mode)), limits_(limits), owner_(std::move(owner)) {}
+
+  // Installs the engine once the model has loaded.
+  void SetEngine(std::shared_ptr<TreeEngine> engine) {
+    std::lock_guard<std::mutex> lock(mu_);
+    limits_.vocab_size = engine->model().config().vocab_size;
+    limits_.context_length = engine->model().config().context_length;
+    engine_ = std::move(engine);
+  }
+  // Takes the engine out (shutdown); later calls answer UNAVAILABLE.
+  std::shared_ptr<TreeEngine> TakeEngine() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::exchange(engine_, nullptr);
+  }
+  // The engine and limits, or UNAVAILABLE while the model is loading.
+  absl::StatusOr<Ready> GetReady() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (engine_ == nullptr) return absl::UnavailableError("the model is not loaded yet");
+    return Ready{engine_, limits_};
+  }
+
+  std::string Owner(const grpc::CallbackServerContext& context) const {
+    return owner_ ? owner_(context) : std::string();
+  }
+  const std::string& attention_mode() const { return attention_mode_; }
+  TreeRegistry& registry() { return registry_; }
+
+  // Nodes that are the tip of a running branch (for Node.generating).
+  void SetGenerating(TreeId tree, NodeId node, bool generating) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (generating) {
+      generating_.insert({tree, node});
+    } else {
+      generating_.erase({tree, node});
+    }
+  }
+  bool IsGenerating(TreeId tree, NodeId node) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return generating_.contains({tree, node});
+  }
+
+ private:
+  const std::string attention_mode_;
+  mutable std::mutex mu_;
+  RequestLimits limits_;
+  std::shared_ptr<TreeEngine> engine_;
+  absl::flat_hash_set<std::pair<TreeId, NodeId>> generating_;
+  OwnerFn owner_;
+  TreeRegistry registry_;
+};
+
+}  // namespace deft::server

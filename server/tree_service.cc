@@ -1,0 +1,532 @@
+#include "server/tree_service.h"
+
+#include <chrono>
+#include <deque>
+#include <mutex>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace deft::server {
+namespace {
+
+namespace pb = deft::v1;
+
+grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* context, const absl::Status& s) {
+  grpc::ServerUnaryReactor* r = context->DefaultReactor();
+  r->Finish(ToGrpcStatus(s));
+  return r;
+}
+
+// The caller's engine tree and the ready engine.
+struct Resolved {
+  ServingState::Ready ready;
+  TreeId tree = 0;
+};
+
+absl::StatusOr<Resolved> Resolve(ServingState& state, const grpc::CallbackServerContext& context,
+                                 const std::string& tree_id) {
+  auto ready = state.GetReady();
+  if (!ready.ok()) return ready.status();
+  auto tree = state.registry().Find(tree_id, state.Owner(context));
+  if (!tree.ok()) return tree.status();
+  return Resolved{std::move(*ready), *tree};
+}
+
+// A copy of the node, or NOT_FOUND naming the public tree id.
+absl::StatusOr<TreeNode> GetNode(const TreeEngine& engine, TreeId tree, const std::string& tree_id,
+                                 NodeId node) {
+  absl::StatusOr<TreeNode> out =
+      absl::NotFoundError(absl::StrFormat("tree \"%s\" has no node %d", tree_id, node));
+  engine.WithTrees([&](const TreeKvCache& cache) {
+    auto n = cache.GetNode(tree, node);
+    if (n.ok()) out = **n;
+  });
+  return out;
+}
+
+// Text of `tokens` as valid UTF-8.
+std::string TextOf(const TreeEngine& engine, std::span<const int32_t> tokens) {
+  return RepairUtf8(const_cast<TreeEngine&>(engine).model().tokenizer().Decode(tokens, false));
+}
+
+pb::FinishReason ToProto(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength:
+      return pb::FINISH_REASON_LENGTH;
+    case FinishReason::kStopToken:
+      return pb::FINISH_REASON_STOP_TOKEN;
+    case FinishReason::kStopString:
+      return pb::FINISH_REASON_STOP_STRING;
+    case FinishReason::kContextFull:
+      return pb::FINISH_REASON_CONTEXT_FULL;
+    case FinishReason::kCancelled:
+      return pb::FINISH_REASON_CANCELLED;
+    case FinishReason::kDeadlineExceeded:
+      return pb::FINISH_REASON_DEADLINE_EXCEEDED;
+  }
+  return pb::FINISH_REASON_UNSPECIFIED;
+}
+
+// Tokens of a prompt or an extension given as text or ids.
+absl::StatusOr<std::vector<int32_t>> TokensOfText(const TreeEngine& engine,
+                                                  const std::string& field, const std::string& text,
+                                                  bool add_bos) {
+  absl::Status u = CheckUtf8(field, text);
+  if (!u.ok()) return u;
+  const Tokenizer& tok = const_cast<TreeEngine&>(engine).model().tokenizer();
+  return tok.Encode(text, add_bos && tok.add_bos_by_default(), /*parse_special=*/true);
+}
+
+// The Generate stream. The reactor is a thin shell; the state the engine's callbacks touch lives
+// in Core, which they co-own, so a callback finishing after the reactor is gone is harmless:
+// Core calls into the reactor only until it has called Finish, and gRPC deletes the reactor only
+// after that (OnDone).
+class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> {
+ public:
+  GenerateStream(std::shared_ptr<ServingState> state, grpc::CallbackServerContext* context,
+                 const pb::GenerateRequest* request)
+      : core_(std::make_shared<Core>()) {
+    core_->reactor = this;
+    core_->state = std::move(state);
+    Start(*context, *request);
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(core_->mu);
+    core_->writing = false;
+    if (!ok) core_->BreakLocked();
+    core_->PumpLocked();
+  }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(core_->mu);
+    core_->client_cancelled = true;
+    core_->BreakLocked();
+    core_->PumpLocked();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  struct Core {
+    std::mutex mu;
+    GenerateStream* reactor = nullptr;  // null once Finish was called
+    std::shared_ptr<ServingState> state;
+    // Weak: the engine's callbacks own this Core, and the engine must not own itself (its last
+    // reference dropped on its own scheduler thread). It outlives every reactor (DeftServer).
+    std::weak_ptr<TreeEngine> engine;
+    std::string tree_id;
+    TreeId tree = 0;
+    int64_t generation = -1;  // -1 until Generate returned
+    std::deque<pb::GenerateEvent> queue;
+    pb::GenerateEvent current;  // the event being written
+    bool writing = false;
+    bool broken = false;  // the client is gone: drop events, cancel the engine
+    bool client_cancelled = false;
+    bool deadline_exceeded = false;
+    bool engine_done = false;
+    absl::Status engine_status;
+    absl::flat_hash_map<NodeId, int64_t> prompt_tokens;  // per branch; written before Generate
+
+    void BreakLocked() {
+      if (broken) return;
+      broken = true;
+      queue.clear();
+      if (generation < 0 || engine_done) return;
+      if (auto e = engine.lock()) e->Cancel(generation);
+    }
+    void PushLocked(pb::GenerateEvent event) {
+      if (reactor == nullptr || broken) return;
+      queue.push_back(std::move(event));
+      PumpLocked();
+    }
+    // Writes the next event, or finishes once the engine is done and the queue is drained.
+    void PumpLocked() {
+      if (reactor == nullptr || writing) return;
+      if (!queue.empty() && !broken) {
+        current = std::move(queue.front());
+        queue.pop_front();
+        writing = true;
+        reactor->StartWrite(&current);
+        return;
+      }
+      if (!engine_done) return;
+      grpc::Status status = ToGrpcStatus(engine_status);
+      if (engine_status.ok() && client_cancelled) {
+        status = grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the stream");
+      } else if (engine_status.ok() && deadline_exceeded) {
+        status = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                              "the call's deadline passed before generation finished");
+      }
+      GenerateStream* r = reactor;
+      reactor = nullptr;
+      r->Finish(status);
+    }
+  };
+
+  void FinishNow(const absl::Status& s) {
+    std::lock_guard<std::mutex> lock(core_->mu);
+    core_->engine_done = true;
+    core_->engine_status = s;
+    core_->PumpLocked();
+  }
+
+  void Start(const grpc::CallbackServerContext& context, const pb::GenerateRequest& request) {
+    Core& c = *core_;
+    auto resolved = Resolve(*c.state, context, request.tree_id());
+    if (!resolved.ok()) return FinishNow(resolved.status());
+    auto branches = ToBranches(request, resolved->ready.limits);
+    if (!branches.ok()) return FinishNow(branches.status());
+    std::shared_ptr<TreeEngine> engine = resolved->ready.engine;
+    c.engine = engine;
+    c.tree = resolved->tree;
+    c.tree_id = request.tree_id();
+    for (size_t i = 0; i < branches->size(); ++i) {
+      auto n = GetNode(*engine, c.tree, c.tree_id, (*branches)[i].node);
+      if (!n.ok()) {
+        return FinishNow(
+            absl::NotFoundError(absl::StrCat("branches[", i, "].node_id: ", n.status().message())));
+      }
+      c.prompt_tokens[n->id] = n->end_position();
+    }
+
+    GenerateCallbacks cb;
+    std::shared_ptr<Core> core = core_;
+    const Tokenizer* tok = &engine->model().tokenizer();
+    cb.on_token = [core, tok](NodeId node, const SampledToken& t, std::string_view text) {
+      pb::GenerateEvent e;
+      pb::TokenEvent* te = e.mutable_token();
+      te->set_node_id(node);
+      te->set_token_id(t.id);
+      te->set_text(RepairUtf8(text));
+      te->set_logprob(t.logprob);
+      for (const TokenLogprob& alt : t.top) {
+        pb::TokenLogprob* a = te->add_top_logprobs();
+        a->set_token_id(alt.id);
+        a->set_logprob(alt.logprob);
+        a->set_text(RepairUtf8(tok->TokenBytes(alt.id)));
+      }
+      std::lock_guard<std::mutex> lock(core->mu);
+      core->PushLocked(std::move(e));
+    };
+    cb.on_finish = [core](NodeId node, FinishReason reason, const BranchUsage& usage) {
+      core->state->SetGenerating(core->tree, node, false);
+      pb::GenerateEvent e;
+      pb::FinishEvent* fe = e.mutable_finish();
+      fe->set_node_id(node);
+      fe->set_reason(ToProto(reason));
+      auto pt = core->prompt_tokens.find(node);
+      if (pt != core->prompt_tokens.end()) {
+        fe->mutable_usage()->set_prompt_tokens(static_cast<int32_t>(pt->second));
+      }
+      fe->mutable_usage()->set_completion_tokens(static_cast<int32_t>(usage.completion_tokens));
+      fe->mutable_usage()->set_time_to_first_token_seconds(usage.time_to_first_token_s);
+      std::lock_guard<std::mutex> lock(core->mu);
+      if (reason == FinishReason::kDeadlineExceeded) core->deadline_exceeded = true;
+      core->PushLocked(std::move(e));
+    };
+    cb.on_done = [core](const absl::Status& s) {
+      core->state->registry().Release(core->tree_id);
+      std::lock_guard<std::mutex> lock(core->mu);
+      core->engine_done = true;
+      core->engine_status = s;
+      core->PumpLocked();
+    };
+    // The call's deadline (system clock) as a steady-clock time point for the engine.
+    const auto deadline = context.deadline();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      cb.deadline = std::chrono::steady_clock::now() +
+                    std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                        deadline - std::chrono::system_clock::now());
+    }
+    for (const BranchRequest& b : *branches) c.state->SetGenerating(c.tree, b.node, true);
+    c.state->registry().Acquire(c.tree_id);
+    auto generation = engine->Generate(c.tree, std::move(*branches), std::move(cb));
+    if (!generation.ok()) {
+      for (const pb::Branch& b : request.branches()) {
+        c.state->SetGenerating(c.tree, b.node_id(), false);
+      }
+      c.state->registry().Release(c.tree_id);
+      return FinishNow(generation.status());
+    }
+    std::lock_guard<std::mutex> lock(c.mu);
+    c.generation = *generation;
+    if (c.broken && !c.engine_done) engine->Cancel(c.generation);
+  }
+
+  std::shared_ptr<Core> core_;
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContext* context,
+                                                      const pb::CreateTreeRequest* request,
+                                                      pb::CreateTreeResponse* response) {
+  auto ready = state_->GetReady();
+  if (!ready.ok()) return Answer(context, ready.status());
+  const TreeEngine& engine = *ready->engine;
+  const RequestLimits& limits = ready->limits;
+  std::vector<int32_t> prompt;
+  switch (request->prompt_case()) {
+    case pb::CreateTreeRequest::kText: {
+      auto t = TokensOfText(engine, "text", request->text(), /*add_bos=*/true);
+      if (!t.ok()) return Answer(context, t.status());
+      prompt = std::move(*t);
+      break;
+    }
+    case pb::CreateTreeRequest::kTokens: {
+      const auto& ids = request->tokens().ids();
+      absl::Status s = CheckTokenIds("tokens.ids", AsSpan(ids), limits.vocab_size);
+      if (!s.ok()) return Answer(context, s);
+      prompt.assign(ids.begin(), ids.end());
+      break;
+    }
+    case pb::CreateTreeRequest::kMessages: {
+      std::vector<ChatMessage> messages;
+      for (int i = 0; i < request->messages().messages_size(); ++i) {
+        const pb::ChatMessage& m = request->messages().messages(i);
+        const std::string field = absl::StrFormat("messages.messages[%d]", i);
+        if (m.role() != "system" && m.role() != "user" && m.role() != "assistant") {
+          return Answer(context, absl::InvalidArgumentError(absl::StrCat(
+                                     field, ".role must be system, user or assistant, got \"",
+                                     RepairUtf8(m.role()), "\"")));
+        }
+        absl::Status s = CheckUtf8(field + ".content", m.content());
+        if (!s.ok()) return Answer(context, s);
+        messages.push_back({m.role(), m.content()});
+      }
+      const bool add_generation_prompt =
+          !request->has_add_generation_prompt() || request->add_generation_prompt();
+      const Tokenizer& tok = ready->engine->model().tokenizer();
+      auto rendered = tok.ApplyChatTemplate(messages, add_generation_prompt);
+      if (!rendered.ok()) {
+        return Answer(context,
+                      absl::Status(rendered.status().code(),
+                                   absl::StrCat("messages: ", rendered.status().message())));
+      }
+      prompt = tok.Encode(*rendered, /*add_bos=*/false, /*parse_special=*/true);
+      break;
+    }
+    case pb::CreateTreeRequest::PROMPT_NOT_SET:
+      return Answer(context, absl::InvalidArgumentError(
+                                 "prompt: one of text, tokens or messages is required"));
+  }
+  if (prompt.empty()) return Answer(context, absl::InvalidArgumentError("prompt: it is empty"));
+  absl::Status len = CheckPromptLength(static_cast<int64_t>(prompt.size()), limits.context_length);
+  if (!len.ok()) return Answer(context, len);
+  auto tree = ready->engine->CreateTree(prompt);
+  if (!tree.ok()) return Answer(context, tree.status());
+  NodeId root = kNoNode;
+  engine.WithTrees([&](const TreeKvCache& cache) { root = cache.root(*tree); });
+  response->set_tree_id(state_->registry().Add(*tree, state_->Owner(*context)));
+  response->set_root_node_id(root);
+  response->set_prompt_tokens(static_cast<int32_t>(prompt.size()));
+  return Answer(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::Fork(grpc::CallbackServerContext* context,
+                                                const pb::ForkRequest* request,
+                                                pb::ForkResponse* response) {
+  auto r = Resolve(*state_, *context, request->tree_id());
+  if (!r.ok()) return Answer(context, r.status());
+  TreeEngine& engine = *r->ready.engine;
+  if (request->count() < 1 || request->count() > TreeKvCache::kMaxForkCount) {
+    return Answer(context, absl::InvalidArgumentError(
+                               absl::StrFormat("count must be in [1, %d], got %d",
+                                               TreeKvCache::kMaxForkCount, request->count())));
+  }
+  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+  if (!node.ok()) return Answer(context, node.status());
+  if (request->offset() < 0 || request->offset() > node->length()) {
+    return Answer(context, absl::OutOfRangeError(absl::StrFormat(
+                               "offset %d is outside node %d, which has %d tokens",
+                               request->offset(), request->node_id(), node->length())));
+  }
+  auto children = engine.Fork(r->tree, request->node_id(), request->offset(), request->count());
+  if (!children.ok()) return Answer(context, children.status());
+  for (NodeId c : *children) response->add_node_ids(c);
+  auto child = GetNode(engine, r->tree, request->tree_id(), children->front());
+  if (child.ok()) response->set_parent_node_id(child->parent);
+  return Answer(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::Extend(grpc::CallbackServerContext* context,
+                                                  const pb::ExtendRequest* request,
+                                                  pb::ExtendResponse* response) {
+  auto r = Resolve(*state_, *context, request->tree_id());
+  if (!r.ok()) return Answer(context, r.status());
+  TreeEngine& engine = *r->ready.engine;
+  std::vector<int32_t> tokens;
+  if (request->has_text()) {
+    auto t = TokensOfText(engine, "text", request->text(), /*add_bos=*/false);
+    if (!t.ok()) return Answer(context, t.status());
+    tokens = std::move(*t);
+  } else if (request->has_tokens()) {
+    absl::Status s =
+        CheckTokenIds("tokens.ids", AsSpan(request->tokens().ids()), r->ready.limits.vocab_size);
+    if (!s.ok()) return Answer(context, s);
+    tokens.assign(request->tokens().ids().begin(), request->tokens().ids().end());
+  } else {
+    return Answer(context,
+                  absl::InvalidArgumentError("content: one of text or tokens is required"));
+  }
+  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+  if (!node.ok()) return Answer(context, node.status());
+  absl::Status s = engine.Extend(r->tree, request->node_id(), tokens);
+  if (!s.ok()) return Answer(context, s);
+  node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+  if (!node.ok()) return Answer(context, node.status());
+  response->set_node_tokens(static_cast<int32_t>(node->length()));
+  return Answer(context, absl::OkStatus());
+}
+
+grpc::ServerWriteReactor<pb::GenerateEvent>* TreeServiceImpl::Generate(
+    grpc::CallbackServerContext* context, const pb::GenerateRequest* request) {
+  return new GenerateStream(state_, context, request);
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::Verify(grpc::CallbackServerContext* context,
+                                                  const pb::VerifyRequest* request,
+                                                  pb::VerifyResponse* response) {
+  auto r = Resolve(*state_, *context, request->tree_id());
+  if (!r.ok()) return Answer(context, r.status());
+  TreeEngine& engine = *r->ready.engine;
+  absl::Status s = CheckDraft(*request, r->ready.limits);
+  if (!s.ok()) return Answer(context, s);
+  auto params = ToSamplingParams(request->sampling(), "sampling", r->ready.limits, false);
+  if (!params.ok()) return Answer(context, params.status());
+  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+  if (!node.ok()) return Answer(context, node.status());
+  std::vector<int32_t> tokens(request->draft_tokens().begin(), request->draft_tokens().end());
+  std::vector<int32_t> parents(request->draft_parents().begin(), request->draft_parents().end());
+  state_->registry().Acquire(request->tree_id());
+  auto v = engine.Verify(r->tree, request->node_id(), tokens, parents, *params);
+  state_->registry().Release(request->tree_id());
+  if (!v.ok()) return Answer(context, v.status());
+  for (int32_t i : v->accepted) response->add_accepted_indices(i);
+  for (int32_t t : v->tokens) response->add_tokens(t);
+  for (float l : v->logprobs) response->add_logprobs(l);
+  response->set_text(TextOf(engine, v->tokens));
+  return Answer(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::BeamSearch(grpc::CallbackServerContext* context,
+                                                      const pb::BeamSearchRequest* request,
+                                                      pb::BeamSearchResponse* response) {
+  auto r = Resolve(*state_, *context, request->tree_id());
+  if (!r.ok()) return Answer(context, r.status());
+  TreeEngine& engine = *r->ready.engine;
+  absl::Status s = CheckBeamSearch(*request, r->ready.limits);
+  if (!s.ok()) return Answer(context, s);
+  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+  if (!node.ok()) return Answer(context, node.status());
+  BeamSearchOptions options;
+  options.width = request->width();
+  options.max_tokens = request->max_tokens();
+  options.length_penalty = request->has_length_penalty() ? request->length_penalty() : 1.f;
+  options.stop_at_eos = !request->has_stop_at_eos() || request->stop_at_eos();
+  state_->registry().Acquire(request->tree_id());
+  auto result = engine.BeamSearch(r->tree, request->node_id(), options);
+  state_->registry().Release(request->tree_id());
+  if (!result.ok()) return Answer(context, result.status());
+  for (const BeamSearchResult::Beam& b : result->beams) {
+    pb::Beam* out = response->add_beams();
+    out->set_node_id(b.node);
+    for (int32_t t : b.tokens) out->add_tokens(t);
+    out->set_text(TextOf(engine, b.tokens));
+    out->set_logprob(b.logprob);
+    out->set_score(b.score);
+    out->set_finished(b.finished);
+  }
+  return Answer(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::Prune(grpc::CallbackServerContext* context,
+                                                 const pb::PruneRequest* request,
+                                                 pb::PruneResponse*) {
+  auto r = Resolve(*state_, *context, request->tree_id());
+  if (!r.ok()) return Answer(context, r.status());
+  auto node = GetNode(*r->ready.engine, r->tree, request->tree_id(), request->node_id());
+  if (!node.ok()) return Answer(context, node.status());
+  if (node->parent == kNoNode) {
+    return Answer(context, absl::FailedPreconditionError(absl::StrFormat(
+                               "node %d is the root; delete the tree instead", node->id)));
+  }
+  return Answer(context, r->ready.engine->Prune(r->tree, request->node_id()));
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::GetTree(grpc::CallbackServerContext* context,
+                                                   const pb::GetTreeRequest* request,
+                                                   pb::Tree* response) {
+  auto r = Resolve(*state_, *context, request->tree_id());
+  if (!r.ok()) return Answer(context, r.status());
+  const TreeEngine& engine = *r->ready.engine;
+  std::vector<TreeNode> nodes;  // parents before children
+  TreeStats stats;
+  engine.WithTrees([&](const TreeKvCache& cache) {
+    std::vector<NodeId> order = {cache.root(r->tree)};
+    for (size_t i = 0; i < order.size(); ++i) {
+      auto n = cache.GetNode(r->tree, order[i]);
+      if (!n.ok()) continue;
+      nodes.push_back(**n);
+      order.insert(order.end(), (*n)->children.begin(), (*n)->children.end());
+    }
+    auto s = cache.Stats(r->tree);
+    if (s.ok()) stats = *s;
+  });
+  if (nodes.empty()) {
+    return Answer(context, absl::NotFoundError(UnknownTreeMessage(request->tree_id())));
+  }
+  response->set_tree_id(request->tree_id());
+  response->set_root_node_id(nodes.front().id);
+  for (const TreeNode& n : nodes) {
+    pb::Node* out = response->add_nodes();
+    out->set_node_id(n.id);
+    out->set_parent_node_id(n.parent);
+    for (NodeId c : n.children) out->add_children(c);
+    out->set_start_position(n.start_position);
+    out->set_num_tokens(static_cast<int32_t>(n.length()));
+    out->set_num_computed(static_cast<int32_t>(n.num_computed));
+    if (request->include_text()) out->set_text(TextOf(engine, n.tokens));
+    if (request->include_tokens()) {
+      for (int32_t t : n.tokens) out->add_tokens(t);
+    }
+    out->set_generating(state_->IsGenerating(r->tree, n.id));
+  }
+  response->set_kv_blocks(stats.blocks);
+  response->set_unique_tokens(stats.tokens);
+  response->set_sequence_layout_tokens(stats.sequence_layout_tokens);
+  return Answer(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::DeleteTree(grpc::CallbackServerContext* context,
+                                                      const pb::DeleteTreeRequest* request,
+                                                      pb::DeleteTreeResponse*) {
+  auto ready = state_->GetReady();
+  if (!ready.ok()) return Answer(context, ready.status());
+  auto tree = state_->registry().Remove(request->tree_id(), state_->Owner(*context));
+  if (!tree.ok()) return Answer(context, tree.status());
+  return Answer(context, ready->engine->DeleteTree(*tree));
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::ListTrees(grpc::CallbackServerContext* context,
+                                                     const pb::ListTreesRequest*,
+                                                     pb::ListTreesResponse* response) {
+  auto ready = state_->GetReady();
+  if (!ready.ok()) return Answer(context, ready.status());
+  auto trees = state_->registry().List(state_->Owner(*context));
+  std::sort(trees.begin(), trees.end());
+  ready->engine->WithTrees([&](const TreeKvCache& cache) {
+    for (const auto& [id, tree] : trees) {
+      auto s = cache.Stats(tree);
+      if (!s.ok()) continue;
+      pb::TreeSummary* out = response->add_trees();
+      out->set_tree_id(id);
+      out->set_nodes(static_cast<int32_t>(s->nodes));
+      out->set_unique_tokens(s->tokens);
+    }
+  });
+  return Answer(context, absl::OkStatus());
+}
+
+}  // namespace deft::server

@@ -1,0 +1,61 @@
+// TreeService over the gRPC callback API: every RPC of deft.v1.TreeService, translated to
+// TreeEngine calls on the tree the caller owns.
+//
+// Unary RPCs validate (server/validation.h), resolve the public tree id through the registry
+// (another owner's tree is NOT_FOUND), call the engine and answer. Generate is a server-streaming
+// reactor fed by the engine's callbacks: they run on the engine's scheduler thread, so they only
+// queue events; the reactor writes one event at a time from the queue. A client cancellation
+// (or a broken stream) cancels the engine generation and ends the stream with CANCELLED; the
+// call's deadline is passed to the engine, whose branches then finish with DEADLINE_EXCEEDED and
+// the stream ends with DEADLINE_EXCEEDED.
+//
+// Thread safety: handlers run concurrently on gRPC's threads; all shared state is in
+// ServingState.
+#pragma once
+
+#include <memory>
+
+#include "deft/v1/tree_service.grpc.pb.h"
+#include "server/serving_state.h"
+
+namespace deft::server {
+
+class TreeServiceImpl final : public deft::v1::TreeService::CallbackService {
+ public:
+  explicit TreeServiceImpl(std::shared_ptr<ServingState> state) : state_(std::move(state)) {}
+
+  grpc::ServerUnaryReactor* CreateTree(grpc::CallbackServerContext* context,
+                                       const deft::v1::CreateTreeRequest* request,
+                                       deft::v1::CreateTreeResponse* response) override;
+  grpc::ServerUnaryReactor* Fork(grpc::CallbackServerContext* context,
+                                 const deft::v1::ForkRequest* request,
+                                 deft::v1::ForkResponse* response) override;
+  grpc::ServerUnaryReactor* Extend(grpc::CallbackServerContext* context,
+                                   const deft::v1::ExtendRequest* request,
+                                   deft::v1::ExtendResponse* response) override;
+  grpc::ServerWriteReactor<deft::v1::GenerateEvent>* Generate(
+      grpc::CallbackServerContext* context, const deft::v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Verify(grpc::CallbackServerContext* context,
+                                   const deft::v1::VerifyRequest* request,
+                                   deft::v1::VerifyResponse* response) override;
+  grpc::ServerUnaryReactor* BeamSearch(grpc::CallbackServerContext* context,
+                                       const deft::v1::BeamSearchRequest* request,
+                                       deft::v1::BeamSearchResponse* response) override;
+  grpc::ServerUnaryReactor* Prune(grpc::CallbackServerContext* context,
+                                  const deft::v1::PruneRequest* request,
+                                  deft::v1::PruneResponse* response) override;
+  grpc::ServerUnaryReactor* GetTree(grpc::CallbackServerContext* context,
+                                    const deft::v1::GetTreeRequest* request,
+                                    deft::v1::Tree* response) override;
+  grpc::ServerUnaryReactor* DeleteTree(grpc::CallbackServerContext* context,
+                                       const deft::v1::DeleteTreeRequest* request,
+                                       deft::v1::DeleteTreeResponse* response) override;
+  grpc::ServerUnaryReactor* ListTrees(grpc::CallbackServerContext* context,
+                                      const deft::v1::ListTreesRequest* request,
+                                      deft::v1::ListTreesResponse* response) override;
+
+ private:
+  std::shared_ptr<ServingState> state_;
+};
+
+}  // namespace deft::server
