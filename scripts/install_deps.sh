@@ -4,7 +4,7 @@ set -euo pipefail
 pkgs=(build-essential cmake ccache pkg-config unzip python3 python3-pip
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
       prometheus-cpp-dev libcpp-httplib-dev nlohmann-json3-dev libgtest-dev libgmock-dev
-      libbenchmark-dev)
+      libbenchmark-dev prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
