@@ -304,7 +304,7 @@ TEST_F(ServerE2eTest, EveryRpcAnswers) {
 
 TEST_F(ServerE2eTest, ForkedBranchesGenerateLikeIndependentOnes) {
   constexpr int kBranches = 4;
-  constexpr int kTokens = 10;
+  constexpr int kTokens = 8;
   pb::CreateTreeResponse created = CreateTree(kPrompt);
   std::vector<int32_t> leaves =
       Fork(created.tree_id(), created.root_node_id(), created.prompt_tokens(), kBranches);
@@ -375,6 +375,251 @@ TEST_F(ServerE2eTest, VerifyAcceptsTheGreedyContinuation) {
   EXPECT_EQ(std::vector<int32_t>(vresp.tokens().begin(), vresp.tokens().end()), greedy);
   DeleteTree(g.tree_id());
   DeleteTree(v.tree_id());
+}
+
+// One bad request: what it does, and the exact status it must get.
+struct BadCase {
+  std::string name;
+  std::function<grpc::Status()> call;
+  grpc::StatusCode code;
+  std::string message;
+};
+
+TEST_F(ServerE2eTest, BadInputGetsExactErrorsAndLeavesOtherTreesIntact) {
+  // Another client's tree, generated on, must not change while the bad requests come in.
+  pb::CreateTreeResponse other = CreateTree("A different client's prompt");
+  std::vector<int32_t> other_leaves = Fork(other.tree_id(), other.root_node_id(), 2, 2);
+  pb::GenerateRequest og;
+  og.set_tree_id(other.tree_id());
+  pb::Branch* ob = og.add_branches();
+  ob->set_node_id(other_leaves[0]);
+  *ob->mutable_sampling() = Sampling(0, 0, 3);
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(Generate(og, &ctx).status.ok());
+  }
+  const std::string other_before = GetTree(other.tree_id()).SerializeAsString();
+
+  pb::CreateTreeResponse a = CreateTree(kPrompt);  // a single root node
+  pb::CreateTreeResponse b = CreateTree(kPrompt);
+  std::vector<int32_t> b_leaves = Fork(b.tree_id(), b.root_node_id(), b.prompt_tokens(), 3);
+  const int64_t free_before = server_->engine()->free_blocks();
+  const std::string a_id = a.tree_id();
+  const int32_t root = a.root_node_id();
+  const int plen = a.prompt_tokens();
+
+  auto generate = [&](std::vector<pb::SamplingParams> params) {
+    pb::GenerateRequest req;
+    req.set_tree_id(b.tree_id());
+    for (size_t i = 0; i < params.size(); ++i) {
+      pb::Branch* br = req.add_branches();
+      br->set_node_id(i < b_leaves.size() ? b_leaves[i] : 1000 + static_cast<int>(i));
+      *br->mutable_sampling() = params[i];
+    }
+    grpc::ClientContext ctx;
+    return Generate(req, &ctx).status;
+  };
+  auto fork = [&](const std::string& tree, int32_t node, int64_t offset, int count) {
+    pb::ForkRequest req;
+    req.set_tree_id(tree);
+    req.set_node_id(node);
+    req.set_offset(offset);
+    req.set_count(count);
+    pb::ForkResponse resp;
+    grpc::ClientContext ctx;
+    return trees_->Fork(&ctx, req, &resp);
+  };
+  auto create_tokens = [&](std::vector<int32_t> ids) {
+    pb::CreateTreeRequest req;
+    req.mutable_tokens()->mutable_ids()->Add(ids.begin(), ids.end());
+    pb::CreateTreeResponse resp;
+    grpc::ClientContext ctx;
+    return trees_->CreateTree(&ctx, req, &resp);
+  };
+  pb::SamplingParams good = Sampling(0.5f, 1, 4);
+  auto with = [&](std::function<void(pb::SamplingParams*)> f) {
+    pb::SamplingParams p = good;
+    f(&p);
+    return p;
+  };
+  const std::string unknown = std::string(32, '0');
+
+  std::vector<BadCase> cases = {
+      {"unknown tree",
+       [&] {
+         grpc::Status s;
+         GetTree(unknown, &s);
+         return s;
+       },
+       grpc::StatusCode::NOT_FOUND, "tree \"" + unknown + "\" not found"},
+      {"node from another tree", [&] { return fork(a_id, b_leaves[2], 0, 1); },
+       grpc::StatusCode::NOT_FOUND,
+       "tree \"" + a_id + "\" has no node " + std::to_string(b_leaves[2])},
+      {"fork offset past the node", [&] { return fork(a_id, root, plen + 1, 1); },
+       grpc::StatusCode::OUT_OF_RANGE,
+       "offset " + std::to_string(plen + 1) + " is outside node " + std::to_string(root) +
+           ", which has " + std::to_string(plen) + " tokens"},
+      {"fork count 0", [&] { return fork(a_id, root, plen, 0); },
+       grpc::StatusCode::INVALID_ARGUMENT, "count must be in [1, 4096], got 0"},
+      {"max_tokens 0", [&] { return generate({with([](auto* p) { p->set_max_tokens(0); })}); },
+       grpc::StatusCode::INVALID_ARGUMENT,
+       "branches[0].sampling.max_tokens must be in [1, 256], got 0"},
+      {"max_tokens huge",
+       [&] {
+         return generate({good, with([](auto* p) { p->set_max_tokens(1000000); })});
+       },
+       grpc::StatusCode::INVALID_ARGUMENT,
+       "branches[1].sampling.max_tokens must be in [1, 256], got 1000000"},
+      {"temperature < 0",
+       [&] { return generate({with([](auto* p) { p->set_temperature(-0.5f); })}); },
+       grpc::StatusCode::INVALID_ARGUMENT,
+       "branches[0].sampling.temperature must be >= 0, got -0.5"},
+      {"top_p above 1",
+       [&] {
+         return generate({good, good, with([](auto* p) { p->set_top_p(1.5f); })});
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "branches[2].sampling.top_p must be in (0, 1], got 1.5"},
+      {"top_p 0", [&] { return generate({with([](auto* p) { p->set_top_p(0.f); })}); },
+       grpc::StatusCode::INVALID_ARGUMENT, "branches[0].sampling.top_p must be in (0, 1], got 0"},
+      {"too many branches",
+       [&] { return generate(std::vector<pb::SamplingParams>(kMaxBranches + 1, good)); },
+       grpc::StatusCode::INVALID_ARGUMENT, "branches: 9 requested, at most 8 per call"},
+      {"generate on an unknown node",
+       [&] {
+         pb::GenerateRequest req;
+         req.set_tree_id(a_id);
+         pb::Branch* br = req.add_branches();
+         br->set_node_id(77);
+         *br->mutable_sampling() = good;
+         grpc::ClientContext ctx;
+         return Generate(req, &ctx).status;
+       },
+       grpc::StatusCode::NOT_FOUND, "branches[0].node_id: tree \"" + a_id + "\" has no node 77"},
+      {"prompt over the context length",
+       [&] { return create_tokens(std::vector<int32_t>(8192, 28)); },
+       grpc::StatusCode::OUT_OF_RANGE,
+       "the prompt has 8192 tokens; the model's context holds 8192"},
+      {"token id outside the vocabulary",
+       [&] {
+         return create_tokens({1, 49152});
+       },
+       grpc::StatusCode::INVALID_ARGUMENT,
+       "tokens.ids[1]: 49152 is outside the vocabulary [0, 49152)"},
+      {"negative token id",
+       [&] {
+         pb::DetokenizeRequest req;
+         req.add_token_ids(-3);
+         pb::DetokenizeResponse resp;
+         grpc::ClientContext ctx;
+         return models_->Detokenize(&ctx, req, &resp);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "token_ids[0]: -3 is outside the vocabulary [0, 49152)"},
+      {"token tree with a bad parent",
+       [&] {
+         pb::VerifyRequest req;
+         req.set_tree_id(a_id);
+         req.set_node_id(root);
+         for (int32_t parent : {-1, 0, 2}) {
+           req.add_draft_tokens(28);
+           req.add_draft_parents(parent);
+         }
+         pb::VerifyResponse resp;
+         grpc::ClientContext ctx;
+         return trees_->Verify(&ctx, req, &resp);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT,
+       "draft_parents[2] must be -1 or an earlier index (< 2), got 2"},
+      {"prune the root",
+       [&] {
+         pb::PruneRequest req;
+         req.set_tree_id(a_id);
+         req.set_node_id(root);
+         pb::PruneResponse resp;
+         grpc::ClientContext ctx;
+         return trees_->Prune(&ctx, req, &resp);
+       },
+       grpc::StatusCode::FAILED_PRECONDITION,
+       "node " + std::to_string(root) + " is the root; delete the tree instead"},
+  };
+  for (const BadCase& c : cases) {
+    grpc::Status s = c.call();
+    EXPECT_EQ(s.error_code(), c.code) << c.name << ": " << s.error_message();
+    EXPECT_EQ(s.error_message(), c.message) << c.name;
+    EXPECT_EQ(GetTree(other.tree_id()).SerializeAsString(), other_before) << c.name;
+    EXPECT_EQ(server_->engine()->free_blocks(), free_before) << c.name;
+  }
+  // Invalid UTF-8 in a string field never reaches the handlers: proto3 string fields are
+  // checked by protobuf's parser, and gRPC rejects the request before the service sees it
+  // (server/validation.h's CheckUtf8 covers callers that bypass the wire). The tree is untouched.
+  {
+    const std::string a_before = GetTree(a_id).SerializeAsString();
+    pb::ExtendRequest req;
+    req.set_tree_id(a_id);
+    req.set_node_id(root);
+    req.set_text(std::string("ok \xff\xfe", 5));
+    pb::ExtendResponse resp;
+    grpc::ClientContext ctx;
+    grpc::Status s = trees_->Extend(&ctx, req, &resp);
+    EXPECT_FALSE(s.ok());
+    EXPECT_EQ(GetTree(a_id).SerializeAsString(), a_before);
+    EXPECT_EQ(GetTree(other.tree_id()).SerializeAsString(), other_before);
+  }
+  DeleteTree(a_id);
+  DeleteTree(b.tree_id());
+  DeleteTree(other.tree_id());
+}
+
+TEST_F(ServerE2eTest, CancelledStreamLeavesThePoolAsBefore) {
+  const int64_t free_before = server_->engine()->free_blocks();
+  pb::CreateTreeResponse t = CreateTree(kPrompt);
+  std::vector<int32_t> leaves = Fork(t.tree_id(), t.root_node_id(), t.prompt_tokens(), 2);
+  pb::GenerateRequest req;
+  req.set_tree_id(t.tree_id());
+  for (int32_t leaf : leaves) {
+    pb::Branch* b = req.add_branches();
+    b->set_node_id(leaf);
+    *b->mutable_sampling() = Sampling(0.7f, leaf, kMaxTokensLimit);
+  }
+  grpc::ClientContext ctx;
+  auto reader = trees_->Generate(&ctx, req);
+  pb::GenerateEvent e;
+  int tokens = 0;
+  while (tokens < 4 && reader->Read(&e)) tokens += e.has_token();
+  ASSERT_EQ(tokens, 4);
+  ctx.TryCancel();
+  while (reader->Read(&e)) {
+  }
+  grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << s.error_message();
+  WaitIdle(t.tree_id());
+  // The engine stopped: the tree no longer grows, and far fewer than max_tokens were generated.
+  const int64_t stopped = GetTree(t.tree_id()).unique_tokens();
+  std::this_thread::sleep_for(milliseconds(200));
+  EXPECT_EQ(GetTree(t.tree_id()).unique_tokens(), stopped);
+  EXPECT_LT(stopped, t.prompt_tokens() + 2 * kMaxTokensLimit);
+  DeleteTree(t.tree_id());
+  EXPECT_EQ(server_->engine()->free_blocks(), free_before);
+}
+
+TEST_F(ServerE2eTest, ExpiredDeadlineLeavesThePoolAsBefore) {
+  const int64_t free_before = server_->engine()->free_blocks();
+  pb::CreateTreeResponse t = CreateTree(kPrompt);
+  pb::GenerateRequest req;
+  req.set_tree_id(t.tree_id());
+  pb::Branch* b = req.add_branches();
+  b->set_node_id(t.root_node_id());
+  *b->mutable_sampling() = Sampling(0.7f, 5, kMaxTokensLimit);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + milliseconds(400));
+  Streamed s = Generate(req, &ctx);
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.status.error_message();
+  WaitIdle(t.tree_id());
+  const int64_t stopped = GetTree(t.tree_id()).unique_tokens();
+  std::this_thread::sleep_for(milliseconds(200));
+  EXPECT_EQ(GetTree(t.tree_id()).unique_tokens(), stopped);
+  EXPECT_LT(stopped, t.prompt_tokens() + kMaxTokensLimit);
+  DeleteTree(t.tree_id());
+  EXPECT_EQ(server_->engine()->free_blocks(), free_before);
 }
 
 // grpc.health.v1.Health/Check and reflection's ListServices, spoken with raw protobuf bytes
