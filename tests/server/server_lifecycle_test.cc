@@ -1,0 +1,135 @@
+// DeftServer's life cycle with the real model (int8 path): graceful shutdown lets open streams
+// finish within the grace period and cancels them past it; idle trees expire after the TTL.
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <gtest/gtest.h>
+
+#include <future>
+#include <thread>
+
+#include "deft/v1/tree_service.grpc.pb.h"
+#include "server/deft_server.h"
+
+namespace deft::server {
+namespace {
+
+namespace pb = deft::v1;
+using std::chrono::milliseconds;
+
+std::unique_ptr<DeftServer> StartServer(std::chrono::seconds ttl) {
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.load_model = ModelFromPath(DEFT_TEST_MODEL, /*exact=*/false);
+  o.engine.kv_pool_bytes = int64_t{64} << 20;
+  o.tree_ttl = ttl;
+  auto s = DeftServer::Start(std::move(o));
+  EXPECT_TRUE(s.ok()) << s.status();
+  EXPECT_TRUE((*s)->WaitUntilLoaded().ok());
+  return std::move(*s);
+}
+
+std::unique_ptr<pb::TreeService::Stub> Connect(const DeftServer& server) {
+  return pb::TreeService::NewStub(grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()),
+                                                      grpc::InsecureChannelCredentials()));
+}
+
+pb::CreateTreeResponse CreateTree(pb::TreeService::Stub& stub) {
+  pb::CreateTreeRequest req;
+  req.set_text("Once upon a time");
+  pb::CreateTreeResponse resp;
+  grpc::ClientContext ctx;
+  EXPECT_TRUE(stub.CreateTree(&ctx, req, &resp).ok());
+  return resp;
+}
+
+pb::GenerateRequest GreedyRequest(const pb::CreateTreeResponse& tree, int max_tokens) {
+  pb::GenerateRequest req;
+  req.set_tree_id(tree.tree_id());
+  pb::Branch* b = req.add_branches();
+  b->set_node_id(tree.root_node_id());
+  b->mutable_sampling()->set_temperature(0);
+  b->mutable_sampling()->set_max_tokens(max_tokens);
+  b->mutable_sampling()->set_ignore_eos(true);
+  return req;
+}
+
+TEST(ServerLifecycleTest, ShutdownLetsOpenStreamsFinishWithinTheGrace) {
+  constexpr int kTokens = 24;
+  auto server = StartServer(std::chrono::seconds(0));
+  auto stub = Connect(*server);
+  pb::CreateTreeResponse tree = CreateTree(*stub);
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, GreedyRequest(tree, kTokens));
+  pb::GenerateEvent e;
+  ASSERT_TRUE(reader->Read(&e));
+  int tokens = e.has_token();
+  std::thread shutdown([&] { server->Shutdown(std::chrono::seconds(30)); });
+  bool finished = false;
+  while (reader->Read(&e)) {
+    tokens += e.has_token() && e.token().token_id() >= 0;
+    finished |= e.has_finish() && e.finish().reason() == pb::FINISH_REASON_LENGTH;
+  }
+  grpc::Status s = reader->Finish();
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(tokens, kTokens);
+  EXPECT_TRUE(finished);
+  shutdown.join();
+  // No longer accepting calls.
+  pb::ListTreesResponse list;
+  grpc::ClientContext lctx;
+  lctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  EXPECT_FALSE(stub->ListTrees(&lctx, pb::ListTreesRequest(), &list).ok());
+}
+
+TEST(ServerLifecycleTest, ShutdownCancelsStreamsStillOpenAfterTheGrace) {
+  auto server = StartServer(std::chrono::seconds(0));
+  auto stub = Connect(*server);
+  pb::CreateTreeResponse tree = CreateTree(*stub);
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, GreedyRequest(tree, 1000));
+  pb::GenerateEvent e;
+  ASSERT_TRUE(reader->Read(&e));
+  const auto start = std::chrono::steady_clock::now();
+  std::thread shutdown([&] { server->Shutdown(milliseconds(200)); });
+  int tokens = 0;
+  while (reader->Read(&e)) tokens += e.has_token();
+  grpc::Status s = reader->Finish();
+  shutdown.join();
+  EXPECT_FALSE(s.ok());
+  EXPECT_LT(tokens, 999);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+TEST(ServerLifecycleTest, IdleTreesExpireAfterTheTtl) {
+  auto server = StartServer(std::chrono::seconds(1));
+  auto stub = Connect(*server);
+  const int64_t free_before = server->engine()->free_blocks();
+  pb::CreateTreeResponse tree = CreateTree(*stub);
+  pb::GenerateRequest req = GreedyRequest(tree, 4);
+  {
+    grpc::ClientContext ctx;
+    auto reader = stub->Generate(&ctx, req);
+    pb::GenerateEvent e;
+    while (reader->Read(&e)) {
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+  }
+  EXPECT_LT(server->engine()->free_blocks(), free_before);
+  pb::GetTreeRequest get;
+  get.set_tree_id(tree.tree_id());
+  grpc::Status s;
+  for (int i = 0; i < 100; ++i) {
+    pb::Tree t;
+    grpc::ClientContext ctx;
+    s = stub->GetTree(&ctx, get, &t);
+    if (!s.ok()) break;
+    std::this_thread::sleep_for(milliseconds(i < 3 ? 100 : 50));  // touches while < 1 s
+    if (i == 2) std::this_thread::sleep_for(milliseconds(1500));  // then goes idle
+  }
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(s.error_message(), "tree \"" + tree.tree_id() + "\" not found");
+  EXPECT_EQ(server->engine()->free_blocks(), free_before);
+}
+
+}  // namespace
+}  // namespace deft::server
