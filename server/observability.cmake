@@ -8,7 +8,8 @@ find_package(PkgConfig REQUIRED)
 pkg_check_modules(DEFT_OBS_HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
 pkg_check_modules(DEFT_OBS_GRPCPP REQUIRED IMPORTED_TARGET grpc++)
 
-add_library(deft_server_obs STATIC ${PROJECT_SOURCE_DIR}/server/metrics.cc)
+add_library(deft_server_obs STATIC ${PROJECT_SOURCE_DIR}/server/metrics.cc
+                                   ${PROJECT_SOURCE_DIR}/server/auth.cc)
 target_include_directories(deft_server_obs PUBLIC ${PROJECT_SOURCE_DIR})
 target_link_libraries(deft_server_obs
   PUBLIC prometheus-cpp::core PkgConfig::DEFT_OBS_GRPCPP deft_engine absl::status absl::statusor
