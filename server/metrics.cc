@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <iterator>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -42,6 +43,29 @@ int64_t Delta(int64_t now, int64_t* last) {
 }
 
 }  // namespace
+
+std::string StatusCodeName(grpc::StatusCode code) {
+  static constexpr const char* kNames[] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  if (i >= 0 && i < static_cast<int>(std::size(kNames))) return kNames[i];
+  return absl::StrCat("UNKNOWN_CODE_", i);
+}
 
 EngineSample SampleEngine(const TreeEngine& engine) {
   EngineSample s;

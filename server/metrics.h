@@ -10,6 +10,8 @@
 // MetricsHttpServer: Start and Stop from one owning thread; scrapes are served on its own thread.
 #pragma once
 
+#include <grpcpp/support/status_code_enum.h>
+
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -35,6 +37,10 @@ class TreeEngine;
 
 // The Content-Type of a /metrics response.
 inline constexpr char kPrometheusTextContentType[] = "text/plain; version=0.0.4; charset=utf-8";
+
+// "OK", "CANCELLED", ... "UNAUTHENTICATED" (the names of grpc/status.h); "UNKNOWN_CODE_<n>" for
+// a value outside the enum.
+std::string StatusCodeName(grpc::StatusCode code);
 
 // Values the sampler reads from the engine. Totals are monotonic since engine start.
 struct EngineSample {
@@ -74,6 +80,9 @@ class ServerMetrics {
 
   // One finished RPC: code is the grpc::StatusCode name, e.g. "OK", "RESOURCE_EXHAUSTED".
   void RecordRequest(const std::string& method, const std::string& code);
+  void RecordRequest(const std::string& method, grpc::StatusCode code) {
+    RecordRequest(method, StatusCodeName(code));
+  }
   void AddGeneratedTokens(int64_t n);
   // One speculative verification that accepted `accepted` draft tokens at tree depth `depth`
   // (1-based; depths > 8 go to label "9+"). Adds `accepted` to that depth's counter.

@@ -120,6 +120,18 @@ TEST(ServerMetricsTest, ScrapeOverHttpReturnsRecordedValues) {
   server.Stop();
 }
 
+TEST(ServerMetricsTest, StatusCodesAreLabelledByTheirGrpcNames) {
+  EXPECT_EQ(StatusCodeName(grpc::StatusCode::OK), "OK");
+  EXPECT_EQ(StatusCodeName(grpc::StatusCode::NOT_FOUND), "NOT_FOUND");
+  EXPECT_EQ(StatusCodeName(grpc::StatusCode::RESOURCE_EXHAUSTED), "RESOURCE_EXHAUSTED");
+  EXPECT_EQ(StatusCodeName(grpc::StatusCode::UNAUTHENTICATED), "UNAUTHENTICATED");
+  EXPECT_EQ(StatusCodeName(static_cast<grpc::StatusCode>(99)), "UNKNOWN_CODE_99");
+  ServerMetrics metrics;
+  metrics.RecordRequest("Prune", grpc::StatusCode::FAILED_PRECONDITION);
+  const std::map<std::string, double> s = ParseSamples(metrics.Serialize());
+  EXPECT_EQ(s.at("deft_requests_total{code=\"FAILED_PRECONDITION\",method=\"Prune\"}"), 1);
+}
+
 TEST(ServerMetricsTest, EngineTotalsAreAddedByDelta) {
   ServerMetrics metrics;
   EngineSample sample{.kv_bytes_read = 1000, .kv_bytes_floor = 400};
