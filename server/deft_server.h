@@ -39,6 +39,7 @@ struct ServerOptions {
   int32_t max_tokens_limit = 4096;
   std::chrono::seconds tree_ttl{3600};  // 0: trees never expire
   OwnerFn owner;                        // null: every call's owner is ""
+  ServerMetrics* metrics = nullptr;     // not owned; must outlive the server. null: none
 };
 
 // A loader for ServerOptions::load_model: the GGUF file or Hugging Face directory at `path`.

@@ -43,9 +43,8 @@ ABSL_FLAG(int32_t, step_token_budget, 512, "Tokens fed per scheduler step");
 ABSL_FLAG(int32_t, max_branches, 64, "Most branches per Generate call");
 ABSL_FLAG(int32_t, max_tokens_limit, 4096, "Upper bound of SamplingParams.max_tokens");
 ABSL_FLAG(int64_t, tree_ttl_seconds, 3600, "Trees untouched this long are deleted (0: never)");
-ABSL_FLAG(int32_t, metrics_port, 0,
-          "Port of the Prometheus /metrics endpoint (0: off; other values are refused: the "
-          "endpoint is not part of this build yet)");
+ABSL_FLAG(int32_t, metrics_port, 0, "Port of the Prometheus /metrics endpoint (0: off)");
+ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address the /metrics endpoint binds");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (with --tls_key: serve TLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key (with --tls_cert)");
 ABSL_FLAG(int64_t, shutdown_grace_seconds, 30,
@@ -91,9 +90,10 @@ int main(int argc, char** argv) {
   options.max_tokens_limit = absl::GetFlag(FLAGS_max_tokens_limit);
   if (absl::GetFlag(FLAGS_tree_ttl_seconds) < 0) return Fail("--tree_ttl_seconds must be >= 0");
   options.tree_ttl = std::chrono::seconds(absl::GetFlag(FLAGS_tree_ttl_seconds));
-  if (absl::GetFlag(FLAGS_metrics_port) != 0) {
-    return Fail("--metrics_port: the metrics endpoint is not part of this build yet; leave it 0");
-  }
+  const int32_t metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  if (metrics_port < 0 || metrics_port > 65535) return Fail("--metrics_port must be in [0, 65535]");
+  deft::ServerMetrics metrics;
+  if (metrics_port > 0) options.metrics = &metrics;
   if (absl::GetFlag(FLAGS_shutdown_grace_seconds) < 0) {
     return Fail("--shutdown_grace_seconds must be >= 0");
   }
@@ -124,6 +124,19 @@ int main(int argc, char** argv) {
   if (!server.ok()) return Fail(std::string(server.status().message()));
   std::fprintf(stderr, "deft-server: listening on port %d; loading %s\n", (*server)->port(),
                absl::GetFlag(FLAGS_model).c_str());
+  deft::server::DeftServer* srv = server->get();
+  // Each scrape first copies the engine's gauges and totals (once the model has loaded).
+  deft::MetricsHttpServer metrics_http(&metrics, [&metrics, srv] {
+    if (auto engine = srv->engine()) metrics.UpdateFromEngine(deft::SampleEngine(*engine));
+  });
+  if (metrics_port > 0) {
+    auto bound = metrics_http.Start(absl::GetFlag(FLAGS_metrics_host), metrics_port);
+    if (!bound.ok()) {
+      (*server)->Shutdown(std::chrono::milliseconds(0));
+      return Fail("--metrics_port: " + std::string(bound.status().message()));
+    }
+    std::fprintf(stderr, "deft-server: metrics on port %d\n", *bound);
+  }
 
   const std::chrono::seconds grace(absl::GetFlag(FLAGS_shutdown_grace_seconds));
   std::thread signal_waiter([&] {
@@ -146,6 +159,7 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "deft-server: serving\n");
   (*server)->Wait();
   signal_waiter.join();
+  metrics_http.Stop();
   std::fprintf(stderr, "deft-server: stopped\n");
   return 0;
 }

@@ -15,6 +15,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "engine/scheduler/tree_engine.h"
+#include "server/metrics.h"
 #include "server/tree_registry.h"
 #include "server/validation.h"
 
@@ -30,8 +31,13 @@ class ServingState {
     RequestLimits limits;  // vocab_size and context_length filled in
   };
 
-  ServingState(std::string attention_mode, RequestLimits limits, OwnerFn owner)
-      : attention_mode_(std::move(attention_mode)), limits_(limits), owner_(std::move(owner)) {}
+  // `metrics` may be null (no metrics); it must outlive the services.
+  ServingState(std::string attention_mode, RequestLimits limits, OwnerFn owner,
+               ServerMetrics* metrics = nullptr)
+      : attention_mode_(std::move(attention_mode)),
+        limits_(limits),
+        owner_(std::move(owner)),
+        metrics_(metrics) {}
 
   // Installs the engine once the model has loaded.
   void SetEngine(std::shared_ptr<TreeEngine> engine) {
@@ -56,6 +62,11 @@ class ServingState {
     return owner_ ? owner_(context) : std::string();
   }
   const std::string& attention_mode() const { return attention_mode_; }
+  ServerMetrics* metrics() const { return metrics_; }
+  // Counts one finished RPC in deft_requests_total (no-op without metrics).
+  void RecordRequest(const std::string& method, grpc::StatusCode code) const {
+    if (metrics_ != nullptr) metrics_->RecordRequest(method, StatusCodeName(code));
+  }
   TreeRegistry& registry() { return registry_; }
 
   // Nodes that are the tip of a running branch (for Node.generating).
@@ -79,6 +90,7 @@ class ServingState {
   std::shared_ptr<TreeEngine> engine_;
   absl::flat_hash_set<std::pair<TreeId, NodeId>> generating_;
   OwnerFn owner_;
+  ServerMetrics* metrics_;
   TreeRegistry registry_;
 };
 

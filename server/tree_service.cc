@@ -13,9 +13,13 @@ namespace {
 
 namespace pb = deft::v1;
 
-grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* context, const absl::Status& s) {
+// Finishes a unary call and counts it under `method`.
+grpc::ServerUnaryReactor* Answer(const ServingState& state, const char* method,
+                                 grpc::CallbackServerContext* context, const absl::Status& s) {
   grpc::ServerUnaryReactor* r = context->DefaultReactor();
-  r->Finish(ToGrpcStatus(s));
+  grpc::Status status = ToGrpcStatus(s);
+  state.RecordRequest(method, status.error_code());
+  r->Finish(status);
   return r;
 }
 
@@ -112,6 +116,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     std::mutex mu;
     GenerateStream* reactor = nullptr;  // null once Finish was called
     std::shared_ptr<ServingState> state;
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
     // Weak: the engine's callbacks own this Core, and the engine must not own itself (its last
     // reference dropped on its own scheduler thread). It outlives every reactor (DeftServer).
     std::weak_ptr<TreeEngine> engine;
@@ -157,6 +162,12 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
       } else if (engine_status.ok() && deadline_exceeded) {
         status = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                               "the call's deadline passed before generation finished");
+      }
+      state->RecordRequest("Generate", status.error_code());
+      if (state->metrics() != nullptr) {
+        state->metrics()->RecordRequestDuration(
+            "Generate",
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       }
       GenerateStream* r = reactor;
       reactor = nullptr;
@@ -211,6 +222,11 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     };
     cb.on_finish = [core](NodeId node, FinishReason reason, const BranchUsage& usage) {
       core->state->SetGenerating(core->tree, node, false);
+      if (ServerMetrics* m = core->state->metrics()) {
+        m->AddActiveBranches(-1);
+        m->AddGeneratedTokens(usage.completion_tokens);
+        if (usage.completion_tokens > 0) m->RecordTimeToFirstToken(usage.time_to_first_token_s);
+      }
       pb::GenerateEvent e;
       pb::FinishEvent* fe = e.mutable_finish();
       fe->set_node_id(node);
@@ -241,12 +257,15 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     }
     for (const BranchRequest& b : *branches) c.state->SetGenerating(c.tree, b.node, true);
     c.state->registry().Acquire(c.tree_id);
+    const int64_t num_branches = static_cast<int64_t>(branches->size());
+    if (ServerMetrics* m = c.state->metrics()) m->AddActiveBranches(num_branches);
     auto generation = engine->Generate(c.tree, std::move(*branches), std::move(cb));
     if (!generation.ok()) {
       for (const pb::Branch& b : request.branches()) {
         c.state->SetGenerating(c.tree, b.node_id(), false);
       }
       c.state->registry().Release(c.tree_id);
+      if (ServerMetrics* m = c.state->metrics()) m->AddActiveBranches(-num_branches);
       return FinishNow(generation.status());
     }
     std::lock_guard<std::mutex> lock(c.mu);
@@ -263,21 +282,21 @@ grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContex
                                                       const pb::CreateTreeRequest* request,
                                                       pb::CreateTreeResponse* response) {
   auto ready = state_->GetReady();
-  if (!ready.ok()) return Answer(context, ready.status());
+  if (!ready.ok()) return Answer(*state_, "CreateTree", context, ready.status());
   const TreeEngine& engine = *ready->engine;
   const RequestLimits& limits = ready->limits;
   std::vector<int32_t> prompt;
   switch (request->prompt_case()) {
     case pb::CreateTreeRequest::kText: {
       auto t = TokensOfText(engine, "text", request->text(), /*add_bos=*/true);
-      if (!t.ok()) return Answer(context, t.status());
+      if (!t.ok()) return Answer(*state_, "CreateTree", context, t.status());
       prompt = std::move(*t);
       break;
     }
     case pb::CreateTreeRequest::kTokens: {
       const auto& ids = request->tokens().ids();
       absl::Status s = CheckTokenIds("tokens.ids", AsSpan(ids), limits.vocab_size);
-      if (!s.ok()) return Answer(context, s);
+      if (!s.ok()) return Answer(*state_, "CreateTree", context, s);
       prompt.assign(ids.begin(), ids.end());
       break;
     }
@@ -287,12 +306,13 @@ grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContex
         const pb::ChatMessage& m = request->messages().messages(i);
         const std::string field = absl::StrFormat("messages.messages[%d]", i);
         if (m.role() != "system" && m.role() != "user" && m.role() != "assistant") {
-          return Answer(context, absl::InvalidArgumentError(absl::StrCat(
-                                     field, ".role must be system, user or assistant, got \"",
-                                     RepairUtf8(m.role()), "\"")));
+          return Answer(*state_, "CreateTree", context,
+                        absl::InvalidArgumentError(
+                            absl::StrCat(field, ".role must be system, user or assistant, got \"",
+                                         RepairUtf8(m.role()), "\"")));
         }
         absl::Status s = CheckUtf8(field + ".content", m.content());
-        if (!s.ok()) return Answer(context, s);
+        if (!s.ok()) return Answer(*state_, "CreateTree", context, s);
         messages.push_back({m.role(), m.content()});
       }
       const bool add_generation_prompt =
@@ -300,7 +320,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContex
       const Tokenizer& tok = ready->engine->model().tokenizer();
       auto rendered = tok.ApplyChatTemplate(messages, add_generation_prompt);
       if (!rendered.ok()) {
-        return Answer(context,
+        return Answer(*state_, "CreateTree", context,
                       absl::Status(rendered.status().code(),
                                    absl::StrCat("messages: ", rendered.status().message())));
       }
@@ -308,76 +328,81 @@ grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContex
       break;
     }
     case pb::CreateTreeRequest::PROMPT_NOT_SET:
-      return Answer(context, absl::InvalidArgumentError(
-                                 "prompt: one of text, tokens or messages is required"));
+      return Answer(
+          *state_, "CreateTree", context,
+          absl::InvalidArgumentError("prompt: one of text, tokens or messages is required"));
   }
-  if (prompt.empty()) return Answer(context, absl::InvalidArgumentError("prompt: it is empty"));
+  if (prompt.empty())
+    return Answer(*state_, "CreateTree", context,
+                  absl::InvalidArgumentError("prompt: it is empty"));
   absl::Status len = CheckPromptLength(static_cast<int64_t>(prompt.size()), limits.context_length);
-  if (!len.ok()) return Answer(context, len);
+  if (!len.ok()) return Answer(*state_, "CreateTree", context, len);
   auto tree = ready->engine->CreateTree(prompt);
-  if (!tree.ok()) return Answer(context, tree.status());
+  if (!tree.ok()) return Answer(*state_, "CreateTree", context, tree.status());
   NodeId root = kNoNode;
   engine.WithTrees([&](const TreeKvCache& cache) { root = cache.root(*tree); });
   response->set_tree_id(state_->registry().Add(*tree, state_->Owner(*context)));
   response->set_root_node_id(root);
   response->set_prompt_tokens(static_cast<int32_t>(prompt.size()));
-  return Answer(context, absl::OkStatus());
+  return Answer(*state_, "CreateTree", context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::Fork(grpc::CallbackServerContext* context,
                                                 const pb::ForkRequest* request,
                                                 pb::ForkResponse* response) {
   auto r = Resolve(*state_, *context, request->tree_id());
-  if (!r.ok()) return Answer(context, r.status());
+  if (!r.ok()) return Answer(*state_, "Fork", context, r.status());
   TreeEngine& engine = *r->ready.engine;
   if (request->count() < 1 || request->count() > TreeKvCache::kMaxForkCount) {
-    return Answer(context, absl::InvalidArgumentError(
-                               absl::StrFormat("count must be in [1, %d], got %d",
-                                               TreeKvCache::kMaxForkCount, request->count())));
+    return Answer(
+        *state_, "Fork", context,
+        absl::InvalidArgumentError(absl::StrFormat("count must be in [1, %d], got %d",
+                                                   TreeKvCache::kMaxForkCount, request->count())));
   }
   auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(context, node.status());
+  if (!node.ok()) return Answer(*state_, "Fork", context, node.status());
   if (request->offset() < 0 || request->offset() > node->length()) {
-    return Answer(context, absl::OutOfRangeError(absl::StrFormat(
-                               "offset %d is outside node %d, which has %d tokens",
-                               request->offset(), request->node_id(), node->length())));
+    return Answer(*state_, "Fork", context,
+                  absl::OutOfRangeError(
+                      absl::StrFormat("offset %d is outside node %d, which has %d tokens",
+                                      request->offset(), request->node_id(), node->length())));
   }
   auto children = engine.Fork(r->tree, request->node_id(), request->offset(), request->count());
-  if (!children.ok()) return Answer(context, children.status());
+  if (!children.ok()) return Answer(*state_, "Fork", context, children.status());
   for (NodeId c : *children) response->add_node_ids(c);
   auto child = GetNode(engine, r->tree, request->tree_id(), children->front());
   if (child.ok()) response->set_parent_node_id(child->parent);
-  return Answer(context, absl::OkStatus());
+  return Answer(*state_, "Fork", context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::Extend(grpc::CallbackServerContext* context,
                                                   const pb::ExtendRequest* request,
                                                   pb::ExtendResponse* response) {
   auto r = Resolve(*state_, *context, request->tree_id());
-  if (!r.ok()) return Answer(context, r.status());
+  if (!r.ok()) return Answer(*state_, "Extend", context, r.status());
   TreeEngine& engine = *r->ready.engine;
   std::vector<int32_t> tokens;
   if (request->has_text()) {
     auto t = TokensOfText(engine, "text", request->text(), /*add_bos=*/false);
-    if (!t.ok()) return Answer(context, t.status());
+    if (!t.ok()) return Answer(*state_, "Extend", context, t.status());
     tokens = std::move(*t);
   } else if (request->has_tokens()) {
     absl::Status s =
         CheckTokenIds("tokens.ids", AsSpan(request->tokens().ids()), r->ready.limits.vocab_size);
-    if (!s.ok()) return Answer(context, s);
+    if (!s.ok()) return Answer(*state_, "Extend", context, s);
     tokens.assign(request->tokens().ids().begin(), request->tokens().ids().end());
   } else {
-    return Answer(context,
+    return Answer(*state_, "Extend", context,
                   absl::InvalidArgumentError("content: one of text or tokens is required"));
   }
   auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(context, node.status());
+  if (!node.ok()) return Answer(*state_, "Extend", context, node.status());
   absl::Status s = engine.Extend(r->tree, request->node_id(), tokens);
-  if (!s.ok()) return Answer(context, s);
+  if (!s.ok()) return Answer(*state_, "Extend", context, s);
   node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(context, node.status());
+  if (!node.ok()) return Answer(*state_, "Extend", context, node.status());
   response->set_node_tokens(static_cast<int32_t>(node->length()));
-  return Answer(context, absl::OkStatus());
+  return Answer(*state_, "Extend", context, absl::OkStatus());
 }
 
 grpc::ServerWriteReactor<pb::GenerateEvent>* TreeServiceImpl::Generate(
@@ -389,37 +414,37 @@ grpc::ServerUnaryReactor* TreeServiceImpl::Verify(grpc::CallbackServerContext* c
                                                   const pb::VerifyRequest* request,
                                                   pb::VerifyResponse* response) {
   auto r = Resolve(*state_, *context, request->tree_id());
-  if (!r.ok()) return Answer(context, r.status());
+  if (!r.ok()) return Answer(*state_, "Verify", context, r.status());
   TreeEngine& engine = *r->ready.engine;
   absl::Status s = CheckDraft(*request, r->ready.limits);
-  if (!s.ok()) return Answer(context, s);
+  if (!s.ok()) return Answer(*state_, "Verify", context, s);
   auto params = ToSamplingParams(request->sampling(), "sampling", r->ready.limits, false);
-  if (!params.ok()) return Answer(context, params.status());
+  if (!params.ok()) return Answer(*state_, "Verify", context, params.status());
   auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(context, node.status());
+  if (!node.ok()) return Answer(*state_, "Verify", context, node.status());
   std::vector<int32_t> tokens(request->draft_tokens().begin(), request->draft_tokens().end());
   std::vector<int32_t> parents(request->draft_parents().begin(), request->draft_parents().end());
   state_->registry().Acquire(request->tree_id());
   auto v = engine.Verify(r->tree, request->node_id(), tokens, parents, *params);
   state_->registry().Release(request->tree_id());
-  if (!v.ok()) return Answer(context, v.status());
+  if (!v.ok()) return Answer(*state_, "Verify", context, v.status());
   for (int32_t i : v->accepted) response->add_accepted_indices(i);
   for (int32_t t : v->tokens) response->add_tokens(t);
   for (float l : v->logprobs) response->add_logprobs(l);
   response->set_text(TextOf(engine, v->tokens));
-  return Answer(context, absl::OkStatus());
+  return Answer(*state_, "Verify", context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::BeamSearch(grpc::CallbackServerContext* context,
                                                       const pb::BeamSearchRequest* request,
                                                       pb::BeamSearchResponse* response) {
   auto r = Resolve(*state_, *context, request->tree_id());
-  if (!r.ok()) return Answer(context, r.status());
+  if (!r.ok()) return Answer(*state_, "BeamSearch", context, r.status());
   TreeEngine& engine = *r->ready.engine;
   absl::Status s = CheckBeamSearch(*request, r->ready.limits);
-  if (!s.ok()) return Answer(context, s);
+  if (!s.ok()) return Answer(*state_, "BeamSearch", context, s);
   auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(context, node.status());
+  if (!node.ok()) return Answer(*state_, "BeamSearch", context, node.status());
   BeamSearchOptions options;
   options.width = request->width();
   options.max_tokens = request->max_tokens();
@@ -428,7 +453,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::BeamSearch(grpc::CallbackServerContex
   state_->registry().Acquire(request->tree_id());
   auto result = engine.BeamSearch(r->tree, request->node_id(), options);
   state_->registry().Release(request->tree_id());
-  if (!result.ok()) return Answer(context, result.status());
+  if (!result.ok()) return Answer(*state_, "BeamSearch", context, result.status());
   for (const BeamSearchResult::Beam& b : result->beams) {
     pb::Beam* out = response->add_beams();
     out->set_node_id(b.node);
@@ -438,28 +463,29 @@ grpc::ServerUnaryReactor* TreeServiceImpl::BeamSearch(grpc::CallbackServerContex
     out->set_score(b.score);
     out->set_finished(b.finished);
   }
-  return Answer(context, absl::OkStatus());
+  return Answer(*state_, "BeamSearch", context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::Prune(grpc::CallbackServerContext* context,
                                                  const pb::PruneRequest* request,
                                                  pb::PruneResponse*) {
   auto r = Resolve(*state_, *context, request->tree_id());
-  if (!r.ok()) return Answer(context, r.status());
+  if (!r.ok()) return Answer(*state_, "Prune", context, r.status());
   auto node = GetNode(*r->ready.engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(context, node.status());
+  if (!node.ok()) return Answer(*state_, "Prune", context, node.status());
   if (node->parent == kNoNode) {
-    return Answer(context, absl::FailedPreconditionError(absl::StrFormat(
-                               "node %d is the root; delete the tree instead", node->id)));
+    return Answer(*state_, "Prune", context,
+                  absl::FailedPreconditionError(
+                      absl::StrFormat("node %d is the root; delete the tree instead", node->id)));
   }
-  return Answer(context, r->ready.engine->Prune(r->tree, request->node_id()));
+  return Answer(*state_, "Prune", context, r->ready.engine->Prune(r->tree, request->node_id()));
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::GetTree(grpc::CallbackServerContext* context,
                                                    const pb::GetTreeRequest* request,
                                                    pb::Tree* response) {
   auto r = Resolve(*state_, *context, request->tree_id());
-  if (!r.ok()) return Answer(context, r.status());
+  if (!r.ok()) return Answer(*state_, "GetTree", context, r.status());
   const TreeEngine& engine = *r->ready.engine;
   std::vector<TreeNode> nodes;  // parents before children
   TreeStats stats;
@@ -475,7 +501,8 @@ grpc::ServerUnaryReactor* TreeServiceImpl::GetTree(grpc::CallbackServerContext* 
     if (s.ok()) stats = *s;
   });
   if (nodes.empty()) {
-    return Answer(context, absl::NotFoundError(UnknownTreeMessage(request->tree_id())));
+    return Answer(*state_, "GetTree", context,
+                  absl::NotFoundError(UnknownTreeMessage(request->tree_id())));
   }
   response->set_tree_id(request->tree_id());
   response->set_root_node_id(nodes.front().id);
@@ -496,24 +523,24 @@ grpc::ServerUnaryReactor* TreeServiceImpl::GetTree(grpc::CallbackServerContext* 
   response->set_kv_blocks(stats.blocks);
   response->set_unique_tokens(stats.tokens);
   response->set_sequence_layout_tokens(stats.sequence_layout_tokens);
-  return Answer(context, absl::OkStatus());
+  return Answer(*state_, "GetTree", context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::DeleteTree(grpc::CallbackServerContext* context,
                                                       const pb::DeleteTreeRequest* request,
                                                       pb::DeleteTreeResponse*) {
   auto ready = state_->GetReady();
-  if (!ready.ok()) return Answer(context, ready.status());
+  if (!ready.ok()) return Answer(*state_, "DeleteTree", context, ready.status());
   auto tree = state_->registry().Remove(request->tree_id(), state_->Owner(*context));
-  if (!tree.ok()) return Answer(context, tree.status());
-  return Answer(context, ready->engine->DeleteTree(*tree));
+  if (!tree.ok()) return Answer(*state_, "DeleteTree", context, tree.status());
+  return Answer(*state_, "DeleteTree", context, ready->engine->DeleteTree(*tree));
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::ListTrees(grpc::CallbackServerContext* context,
                                                      const pb::ListTreesRequest*,
                                                      pb::ListTreesResponse* response) {
   auto ready = state_->GetReady();
-  if (!ready.ok()) return Answer(context, ready.status());
+  if (!ready.ok()) return Answer(*state_, "ListTrees", context, ready.status());
   auto trees = state_->registry().List(state_->Owner(*context));
   std::sort(trees.begin(), trees.end());
   ready->engine->WithTrees([&](const TreeKvCache& cache) {
@@ -526,7 +553,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::ListTrees(grpc::CallbackServerContext
       out->set_unique_tokens(s->tokens);
     }
   });
-  return Answer(context, absl::OkStatus());
+  return Answer(*state_, "ListTrees", context, absl::OkStatus());
 }
 
 }  // namespace deft::server

@@ -39,6 +39,8 @@ ServerOptions TestOptions() {
   o.max_branches = kMaxBranches;
   o.max_tokens_limit = kMaxTokensLimit;
   o.tree_ttl = std::chrono::seconds(0);
+  static ServerMetrics metrics;
+  o.metrics = &metrics;
   return o;
 }
 
@@ -300,6 +302,36 @@ TEST_F(ServerE2eTest, EveryRpcAnswers) {
   EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_EQ(gone.error_message(), "tree \"" + id + "\" not found");
   EXPECT_EQ(server_->engine()->free_blocks(), free_before);
+}
+
+// The value of an unlabelled sample line "name value" in Prometheus text, or -1.
+double SampleValue(const std::string& text, const std::string& name) {
+  const size_t at = text.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + name.size() + 2));
+}
+
+TEST_F(ServerE2eTest, MetricsCountRequestsAndGeneratedTokens) {
+  ServerMetrics& metrics = *TestOptions().metrics;
+  const double tokens_before = SampleValue(metrics.Serialize(), "deft_generated_tokens_total");
+  pb::CreateTreeResponse t = CreateTree(kPrompt);
+  pb::GenerateRequest req;
+  req.set_tree_id(t.tree_id());
+  pb::Branch* b = req.add_branches();
+  b->set_node_id(t.root_node_id());
+  *b->mutable_sampling() = Sampling(0, 0, 3);
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(Generate(req, &ctx).status.ok());
+  grpc::Status missing;
+  GetTree(std::string(32, 'f'), &missing);
+  DeleteTree(t.tree_id());
+  const std::string text = metrics.Serialize();
+  EXPECT_EQ(SampleValue(text, "deft_generated_tokens_total"), std::max(tokens_before, 0.0) + 3);
+  EXPECT_EQ(SampleValue(text, "deft_branches_active"), 0);
+  EXPECT_NE(text.find("deft_requests_total{code=\"OK\",method=\"Generate\"}"), std::string::npos);
+  EXPECT_NE(text.find("deft_requests_total{code=\"NOT_FOUND\",method=\"GetTree\"}"),
+            std::string::npos);
+  EXPECT_NE(text.find("deft_requests_total{code=\"OK\",method=\"CreateTree\"}"), std::string::npos);
 }
 
 TEST_F(ServerE2eTest, ForkedBranchesGenerateLikeIndependentOnes) {
