@@ -73,6 +73,7 @@ EngineSample SampleEngine(const TreeEngine& engine) {
       [&](const TreeKvCache& cache) { s.trees = static_cast<int64_t>(cache.ListTrees().size()); });
   s.kv_blocks_total = engine.total_blocks();
   s.kv_blocks_free = engine.free_blocks();
+  s.kv_blocks_shared = engine.shared_blocks();
   const StepStats stats = engine.stats();
   s.kv_bytes_read = stats.kv_bytes_read;
   s.kv_bytes_floor = stats.kv_bytes_floor;

@@ -53,8 +53,7 @@ struct EngineSample {
   int64_t kv_bytes_floor = 0;  // StepStats::kv_bytes_floor
 };
 
-// Reads an EngineSample from a live engine (locks it briefly). kv_blocks_shared stays unset:
-// TreeEngine exposes no const path to KvBlockPool::shared_blocks() yet.
+// Reads an EngineSample from a live engine (locks it briefly).
 EngineSample SampleEngine(const TreeEngine& engine);
 
 class ServerMetrics {

@@ -271,6 +271,7 @@ StepStats TreeEngine::stats() const {
 
 int64_t TreeEngine::free_blocks() const { return pool_->free_blocks(); }
 int64_t TreeEngine::total_blocks() const { return pool_->num_blocks(); }
+int64_t TreeEngine::shared_blocks() const { return pool_->shared_blocks(); }
 
 void TreeEngine::FinishBranch(Generation& g, Branch& b, FinishReason reason,
                               std::vector<Event>* events) {

@@ -155,6 +155,7 @@ class TreeEngine {
   StepStats stats() const;
   int64_t free_blocks() const;
   int64_t total_blocks() const;
+  int64_t shared_blocks() const;  // blocks referenced more than once
 
  private:
   struct Branch {
