@@ -78,6 +78,9 @@ class ServingState {
       generating_.erase({tree, node});
     }
   }
+  // Held around TreeEngine::Generate (see tree_service.cc).
+  std::mutex& generate_mu() { return generate_mu_; }
+
   bool IsGenerating(TreeId tree, NodeId node) const {
     std::lock_guard<std::mutex> lock(mu_);
     return generating_.contains({tree, node});
@@ -86,6 +89,7 @@ class ServingState {
  private:
   const std::string attention_mode_;
   mutable std::mutex mu_;
+  std::mutex generate_mu_;
   RequestLimits limits_;
   std::shared_ptr<TreeEngine> engine_;
   absl::flat_hash_set<std::pair<TreeId, NodeId>> generating_;

@@ -633,6 +633,44 @@ TEST_F(ServerE2eTest, CancelledStreamLeavesThePoolAsBefore) {
   EXPECT_EQ(server_->engine()->free_blocks(), free_before);
 }
 
+TEST_F(ServerE2eTest, CancellingOneStreamLeavesConcurrentStreamsRunning) {
+  constexpr int kClients = 3;
+  constexpr int kTokens = 12;
+  std::vector<pb::CreateTreeResponse> t;
+  for (int i = 0; i < kClients; ++i) t.push_back(CreateTree(kPrompt));
+  // Client 0 cancels after its first tokens; the others (started at the same time, so their
+  // Generate calls race with client 0's) must finish untouched.
+  std::vector<grpc::Status> status(kClients);
+  std::vector<int> tokens(kClients, 0);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kClients; ++i) {
+    clients.emplace_back([&, i] {
+      auto stub = pb::TreeService::NewStub(*channel_);
+      pb::GenerateRequest req;
+      req.set_tree_id(t[i].tree_id());
+      pb::Branch* b = req.add_branches();
+      b->set_node_id(t[i].root_node_id());
+      *b->mutable_sampling() = Sampling(0, 0, i == 0 ? kMaxTokensLimit : kTokens);
+      grpc::ClientContext ctx;
+      auto reader = stub->Generate(&ctx, req);
+      pb::GenerateEvent e;
+      while (reader->Read(&e)) {
+        tokens[i] += e.has_token() && e.token().token_id() >= 0;
+        if (i == 0 && tokens[i] == 2) ctx.TryCancel();
+      }
+      status[i] = reader->Finish();
+    });
+  }
+  for (std::thread& c : clients) c.join();
+  EXPECT_EQ(status[0].error_code(), grpc::StatusCode::CANCELLED);
+  for (int i = 1; i < kClients; ++i) {
+    EXPECT_TRUE(status[i].ok()) << i << ": " << status[i].error_message();
+    EXPECT_EQ(tokens[i], kTokens) << i;
+  }
+  WaitIdle(t[0].tree_id());
+  for (const auto& tree : t) DeleteTree(tree.tree_id());
+}
+
 TEST_F(ServerE2eTest, ExpiredDeadlineLeavesThePoolAsBefore) {
   const int64_t free_before = server_->engine()->free_blocks();
   pb::CreateTreeResponse t = CreateTree(kPrompt);
