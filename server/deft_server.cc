@@ -42,7 +42,7 @@ absl::StatusOr<std::unique_ptr<DeftServer>> DeftServer::Start(ServerOptions opti
   RequestLimits limits;
   limits.max_branches = o.max_branches;
   limits.max_tokens_limit = o.max_tokens_limit;
-  s->state_ = std::make_shared<ServingState>(o.attention_mode, limits, o.owner, o.metrics);
+  s->state_ = std::make_shared<ServingState>(o.attention_mode, limits, o.authorize, o.metrics);
   s->tree_service_ = std::make_unique<TreeServiceImpl>(s->state_);
   s->model_service_ = std::make_unique<ModelServiceImpl>(s->state_);
 

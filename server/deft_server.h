@@ -38,7 +38,7 @@ struct ServerOptions {
   int32_t max_branches = 64;
   int32_t max_tokens_limit = 4096;
   std::chrono::seconds tree_ttl{3600};  // 0: trees never expire
-  OwnerFn owner;                        // null: every call's owner is ""
+  AuthorizeFn authorize;                // null: every call is admitted, owner ""
   ServerMetrics* metrics = nullptr;     // not owned; must outlive the server. null: none
 };
 

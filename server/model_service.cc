@@ -18,7 +18,7 @@ grpc::ServerUnaryReactor* Answer(const ServingState& state, const char* method,
 grpc::ServerUnaryReactor* ModelServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
                                                          const deft::v1::GetModelInfoRequest*,
                                                          deft::v1::ModelInfo* response) {
-  auto ready = state_->GetReady();
+  auto ready = state_->Begin(*context, "GetModelInfo");
   if (!ready.ok()) return Answer(*state_, "GetModelInfo", context, ready.status());
   TreeEngine& engine = *ready->engine;
   const LlamaConfig& c = engine.model().config();
@@ -43,7 +43,7 @@ grpc::ServerUnaryReactor* ModelServiceImpl::GetModelInfo(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* ModelServiceImpl::Tokenize(grpc::CallbackServerContext* context,
                                                      const deft::v1::TokenizeRequest* request,
                                                      deft::v1::TokenizeResponse* response) {
-  auto ready = state_->GetReady();
+  auto ready = state_->Begin(*context, "Tokenize");
   if (!ready.ok()) return Answer(*state_, "Tokenize", context, ready.status());
   absl::Status s = CheckUtf8("text", request->text());
   if (!s.ok()) return Answer(*state_, "Tokenize", context, s);
@@ -57,7 +57,7 @@ grpc::ServerUnaryReactor* ModelServiceImpl::Tokenize(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* ModelServiceImpl::Detokenize(grpc::CallbackServerContext* context,
                                                        const deft::v1::DetokenizeRequest* request,
                                                        deft::v1::DetokenizeResponse* response) {
-  auto ready = state_->GetReady();
+  auto ready = state_->Begin(*context, "Detokenize");
   if (!ready.ok()) return Answer(*state_, "Detokenize", context, ready.status());
   absl::Status s =
       CheckTokenIds("token_ids", AsSpan(request->token_ids()), ready->limits.vocab_size);

@@ -21,8 +21,11 @@
 
 namespace deft::server {
 
-// The owner of a call's trees (the API key id; "" when auth is off).
-using OwnerFn = std::function<std::string(const grpc::CallbackServerContext&)>;
+// Admits a call to `method` (the RPC's short name, e.g. "Fork"): OK with *owner set to the owner
+// of the caller's trees (the API key id; "" when auth is off), or the status to answer instead
+// (UNAUTHENTICATED, PERMISSION_DENIED, ...). Runs on gRPC's threads, concurrently.
+using AuthorizeFn = std::function<grpc::Status(const grpc::CallbackServerContext& context,
+                                               const std::string& method, std::string* owner)>;
 
 class ServingState {
  public:
@@ -30,13 +33,16 @@ class ServingState {
     std::shared_ptr<TreeEngine> engine;
     RequestLimits limits;  // vocab_size and context_length filled in
   };
+  struct Call : Ready {
+    std::string owner;
+  };
 
   // `metrics` may be null (no metrics); it must outlive the services.
-  ServingState(std::string attention_mode, RequestLimits limits, OwnerFn owner,
+  ServingState(std::string attention_mode, RequestLimits limits, AuthorizeFn authorize,
                ServerMetrics* metrics = nullptr)
       : attention_mode_(std::move(attention_mode)),
         limits_(limits),
-        owner_(std::move(owner)),
+        authorize_(std::move(authorize)),
         metrics_(metrics) {}
 
   // Installs the engine once the model has loaded.
@@ -58,8 +64,21 @@ class ServingState {
     return Ready{engine_, limits_};
   }
 
-  std::string Owner(const grpc::CallbackServerContext& context) const {
-    return owner_ ? owner_(context) : std::string();
+  // Admits a call (see AuthorizeFn; without one every call is admitted with owner ""), then
+  // the engine as GetReady.
+  absl::StatusOr<Call> Begin(const grpc::CallbackServerContext& context,
+                             const std::string& method) const {
+    Call call;
+    if (authorize_) {
+      grpc::Status s = authorize_(context, method, &call.owner);
+      if (!s.ok()) {
+        return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+      }
+    }
+    auto ready = GetReady();
+    if (!ready.ok()) return ready.status();
+    static_cast<Ready&>(call) = std::move(*ready);
+    return call;
   }
   const std::string& attention_mode() const { return attention_mode_; }
   ServerMetrics* metrics() const { return metrics_; }
@@ -93,7 +112,7 @@ class ServingState {
   RequestLimits limits_;
   std::shared_ptr<TreeEngine> engine_;
   absl::flat_hash_set<std::pair<TreeId, NodeId>> generating_;
-  OwnerFn owner_;
+  AuthorizeFn authorize_;
   ServerMetrics* metrics_;
   TreeRegistry registry_;
 };

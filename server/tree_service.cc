@@ -25,15 +25,15 @@ grpc::ServerUnaryReactor* Answer(const ServingState& state, const char* method,
 
 // The caller's engine tree and the ready engine.
 struct Resolved {
-  ServingState::Ready ready;
+  ServingState::Call ready;
   TreeId tree = 0;
 };
 
 absl::StatusOr<Resolved> Resolve(ServingState& state, const grpc::CallbackServerContext& context,
-                                 const std::string& tree_id) {
-  auto ready = state.GetReady();
+                                 const std::string& method, const std::string& tree_id) {
+  auto ready = state.Begin(context, method);
   if (!ready.ok()) return ready.status();
-  auto tree = state.registry().Find(tree_id, state.Owner(context));
+  auto tree = state.registry().Find(tree_id, ready->owner);
   if (!tree.ok()) return tree.status();
   return Resolved{std::move(*ready), *tree};
 }
@@ -184,7 +184,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
 
   void Start(const grpc::CallbackServerContext& context, const pb::GenerateRequest& request) {
     Core& c = *core_;
-    auto resolved = Resolve(*c.state, context, request.tree_id());
+    auto resolved = Resolve(*c.state, context, "Generate", request.tree_id());
     if (!resolved.ok()) return FinishNow(resolved.status());
     auto branches = ToBranches(request, resolved->ready.limits);
     if (!branches.ok()) return FinishNow(branches.status());
@@ -287,7 +287,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
 grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContext* context,
                                                       const pb::CreateTreeRequest* request,
                                                       pb::CreateTreeResponse* response) {
-  auto ready = state_->GetReady();
+  auto ready = state_->Begin(*context, "CreateTree");
   if (!ready.ok()) return Answer(*state_, "CreateTree", context, ready.status());
   const TreeEngine& engine = *ready->engine;
   const RequestLimits& limits = ready->limits;
@@ -347,7 +347,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContex
   if (!tree.ok()) return Answer(*state_, "CreateTree", context, tree.status());
   NodeId root = kNoNode;
   engine.WithTrees([&](const TreeKvCache& cache) { root = cache.root(*tree); });
-  response->set_tree_id(state_->registry().Add(*tree, state_->Owner(*context)));
+  response->set_tree_id(state_->registry().Add(*tree, ready->owner));
   response->set_root_node_id(root);
   response->set_prompt_tokens(static_cast<int32_t>(prompt.size()));
   return Answer(*state_, "CreateTree", context, absl::OkStatus());
@@ -356,7 +356,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* TreeServiceImpl::Fork(grpc::CallbackServerContext* context,
                                                 const pb::ForkRequest* request,
                                                 pb::ForkResponse* response) {
-  auto r = Resolve(*state_, *context, request->tree_id());
+  auto r = Resolve(*state_, *context, "Fork", request->tree_id());
   if (!r.ok()) return Answer(*state_, "Fork", context, r.status());
   TreeEngine& engine = *r->ready.engine;
   if (request->count() < 1 || request->count() > TreeKvCache::kMaxForkCount) {
@@ -384,7 +384,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::Fork(grpc::CallbackServerContext* con
 grpc::ServerUnaryReactor* TreeServiceImpl::Extend(grpc::CallbackServerContext* context,
                                                   const pb::ExtendRequest* request,
                                                   pb::ExtendResponse* response) {
-  auto r = Resolve(*state_, *context, request->tree_id());
+  auto r = Resolve(*state_, *context, "Extend", request->tree_id());
   if (!r.ok()) return Answer(*state_, "Extend", context, r.status());
   TreeEngine& engine = *r->ready.engine;
   std::vector<int32_t> tokens;
@@ -419,7 +419,7 @@ grpc::ServerWriteReactor<pb::GenerateEvent>* TreeServiceImpl::Generate(
 grpc::ServerUnaryReactor* TreeServiceImpl::Verify(grpc::CallbackServerContext* context,
                                                   const pb::VerifyRequest* request,
                                                   pb::VerifyResponse* response) {
-  auto r = Resolve(*state_, *context, request->tree_id());
+  auto r = Resolve(*state_, *context, "Verify", request->tree_id());
   if (!r.ok()) return Answer(*state_, "Verify", context, r.status());
   TreeEngine& engine = *r->ready.engine;
   absl::Status s = CheckDraft(*request, r->ready.limits);
@@ -444,7 +444,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::Verify(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* TreeServiceImpl::BeamSearch(grpc::CallbackServerContext* context,
                                                       const pb::BeamSearchRequest* request,
                                                       pb::BeamSearchResponse* response) {
-  auto r = Resolve(*state_, *context, request->tree_id());
+  auto r = Resolve(*state_, *context, "BeamSearch", request->tree_id());
   if (!r.ok()) return Answer(*state_, "BeamSearch", context, r.status());
   TreeEngine& engine = *r->ready.engine;
   absl::Status s = CheckBeamSearch(*request, r->ready.limits);
@@ -475,7 +475,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::BeamSearch(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* TreeServiceImpl::Prune(grpc::CallbackServerContext* context,
                                                  const pb::PruneRequest* request,
                                                  pb::PruneResponse*) {
-  auto r = Resolve(*state_, *context, request->tree_id());
+  auto r = Resolve(*state_, *context, "Prune", request->tree_id());
   if (!r.ok()) return Answer(*state_, "Prune", context, r.status());
   auto node = GetNode(*r->ready.engine, r->tree, request->tree_id(), request->node_id());
   if (!node.ok()) return Answer(*state_, "Prune", context, node.status());
@@ -490,7 +490,7 @@ grpc::ServerUnaryReactor* TreeServiceImpl::Prune(grpc::CallbackServerContext* co
 grpc::ServerUnaryReactor* TreeServiceImpl::GetTree(grpc::CallbackServerContext* context,
                                                    const pb::GetTreeRequest* request,
                                                    pb::Tree* response) {
-  auto r = Resolve(*state_, *context, request->tree_id());
+  auto r = Resolve(*state_, *context, "GetTree", request->tree_id());
   if (!r.ok()) return Answer(*state_, "GetTree", context, r.status());
   const TreeEngine& engine = *r->ready.engine;
   std::vector<TreeNode> nodes;  // parents before children
@@ -535,9 +535,9 @@ grpc::ServerUnaryReactor* TreeServiceImpl::GetTree(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* TreeServiceImpl::DeleteTree(grpc::CallbackServerContext* context,
                                                       const pb::DeleteTreeRequest* request,
                                                       pb::DeleteTreeResponse*) {
-  auto ready = state_->GetReady();
+  auto ready = state_->Begin(*context, "DeleteTree");
   if (!ready.ok()) return Answer(*state_, "DeleteTree", context, ready.status());
-  auto tree = state_->registry().Remove(request->tree_id(), state_->Owner(*context));
+  auto tree = state_->registry().Remove(request->tree_id(), ready->owner);
   if (!tree.ok()) return Answer(*state_, "DeleteTree", context, tree.status());
   return Answer(*state_, "DeleteTree", context, ready->engine->DeleteTree(*tree));
 }
@@ -545,9 +545,9 @@ grpc::ServerUnaryReactor* TreeServiceImpl::DeleteTree(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* TreeServiceImpl::ListTrees(grpc::CallbackServerContext* context,
                                                      const pb::ListTreesRequest*,
                                                      pb::ListTreesResponse* response) {
-  auto ready = state_->GetReady();
+  auto ready = state_->Begin(*context, "ListTrees");
   if (!ready.ok()) return Answer(*state_, "ListTrees", context, ready.status());
-  auto trees = state_->registry().List(state_->Owner(*context));
+  auto trees = state_->registry().List(ready->owner);
   std::sort(trees.begin(), trees.end());
   ready->engine->WithTrees([&](const TreeKvCache& cache) {
     for (const auto& [id, tree] : trees) {
