@@ -5,6 +5,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "engine/model/model_loader.h"
 #include "server/model_service.h"
@@ -34,6 +35,29 @@ std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::
   };
 }
 
+AuthorizeFn ApiKeyAuthorizer(std::shared_ptr<const ApiKeys> keys,
+                             std::function<int64_t(const std::string& owner)> trees_owned) {
+  return [keys = std::move(keys), trees_owned = std::move(trees_owned)](
+             const grpc::CallbackServerContext& context, const std::string& method,
+             std::string* owner) {
+    const ApiKey* key = nullptr;
+    grpc::Status s = keys->Authenticate(context, &key);
+    if (!s.ok()) return s;
+    static const absl::flat_hash_set<std::string> kReadOnly = {
+        "GetTree", "ListTrees", "GetModelInfo", "Tokenize", "Detokenize"};
+    if (!kReadOnly.contains(method)) {
+      s = ApiKeys::CheckMayMutate(*key, method);
+      if (!s.ok()) return s;
+    }
+    if (method == "CreateTree") {
+      s = ApiKeys::CheckTreeQuota(*key, trees_owned(key->id));
+      if (!s.ok()) return s;
+    }
+    *owner = key->id;
+    return grpc::Status::OK;
+  };
+}
+
 absl::StatusOr<std::unique_ptr<DeftServer>> DeftServer::Start(ServerOptions options) {
   if (!options.load_model) return absl::InvalidArgumentError("no model loader");
   std::unique_ptr<DeftServer> s(new DeftServer());
@@ -42,7 +66,16 @@ absl::StatusOr<std::unique_ptr<DeftServer>> DeftServer::Start(ServerOptions opti
   RequestLimits limits;
   limits.max_branches = o.max_branches;
   limits.max_tokens_limit = o.max_tokens_limit;
-  s->state_ = std::make_shared<ServingState>(o.attention_mode, limits, o.authorize, o.metrics);
+  AuthorizeFn authorize = o.authorize;
+  // The key authorizer counts trees in the state's registry; the state outlives every call.
+  std::shared_ptr<ServingState*> state_slot = std::make_shared<ServingState*>(nullptr);
+  if (!authorize && o.api_keys != nullptr) {
+    authorize = ApiKeyAuthorizer(o.api_keys, [state_slot](const std::string& owner) {
+      return static_cast<int64_t>((*state_slot)->registry().List(owner).size());
+    });
+  }
+  s->state_ = std::make_shared<ServingState>(o.attention_mode, limits, authorize, o.metrics);
+  *state_slot = s->state_.get();
   s->tree_service_ = std::make_unique<TreeServiceImpl>(s->state_);
   s->model_service_ = std::make_unique<ModelServiceImpl>(s->state_);
 

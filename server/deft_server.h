@@ -24,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/scheduler/tree_engine.h"
+#include "server/auth.h"
 #include "server/serving_state.h"
 
 namespace deft::server {
@@ -39,12 +40,21 @@ struct ServerOptions {
   int32_t max_tokens_limit = 4096;
   std::chrono::seconds tree_ttl{3600};  // 0: trees never expire
   AuthorizeFn authorize;                // null: every call is admitted, owner ""
-  ServerMetrics* metrics = nullptr;     // not owned; must outlive the server. null: none
+  // When set (and `authorize` is not), calls are admitted by API key: see ApiKeyAuthorizer.
+  std::shared_ptr<const ApiKeys> api_keys;
+  ServerMetrics* metrics = nullptr;  // not owned; must outlive the server. null: none
 };
 
 // A loader for ServerOptions::load_model: the GGUF file or Hugging Face directory at `path`.
 std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::string path,
                                                                            bool exact);
+
+// Admits calls by API key (server/auth.h): the "authorization: Bearer <secret>" metadata names
+// the key, whose id owns the caller's trees; a read-only key may call only GetTree, ListTrees and
+// the ModelService RPCs (PERMISSION_DENIED otherwise); CreateTree honours the key's trees quota,
+// counting with `trees_owned(key id)`. The nodes and kv_blocks quotas are not enforced yet.
+AuthorizeFn ApiKeyAuthorizer(std::shared_ptr<const ApiKeys> keys,
+                             std::function<int64_t(const std::string& owner)> trees_owned);
 
 class DeftServer {
  public:

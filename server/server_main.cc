@@ -45,6 +45,9 @@ ABSL_FLAG(int32_t, max_tokens_limit, 4096, "Upper bound of SamplingParams.max_to
 ABSL_FLAG(int64_t, tree_ttl_seconds, 3600, "Trees untouched this long are deleted (0: never)");
 ABSL_FLAG(int32_t, metrics_port, 0, "Port of the Prometheus /metrics endpoint (0: off)");
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address the /metrics endpoint binds");
+ABSL_FLAG(std::string, api_keys, "",
+          "API key file (format in server/auth.h); calls must then carry 'authorization: Bearer "
+          "<secret>'. Empty: no authentication, every tree owned by \"\"");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (with --tls_key: serve TLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key (with --tls_cert)");
 ABSL_FLAG(int64_t, shutdown_grace_seconds, 30,
@@ -109,6 +112,11 @@ int main(int argc, char** argv) {
     if (!ReadFile(key_path, &pair.private_key)) return Fail("cannot read --tls_key " + key_path);
     ssl.pem_key_cert_pairs.push_back(std::move(pair));
     options.credentials = grpc::SslServerCredentials(ssl);
+  }
+  if (const std::string keys_path = absl::GetFlag(FLAGS_api_keys); !keys_path.empty()) {
+    auto keys = deft::ApiKeys::LoadFile(keys_path);
+    if (!keys.ok()) return Fail("--api_keys: " + std::string(keys.status().message()));
+    options.api_keys = std::make_shared<const deft::ApiKeys>(std::move(*keys));
   }
   options.load_model =
       deft::server::ModelFromPath(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_exact));

@@ -123,5 +123,65 @@ TEST_F(OwnerTest, RejectedCallsGetTheAuthorizersStatus) {
   EXPECT_EQ(list.trees_size(), 0);
 }
 
+TEST(ApiKeyOwnerTest, KeysOwnTreesWithPermissionsAndQuotas) {
+  auto keys = ApiKeys::Parse(
+      "alice alice-secret-0123456789 trees=1\n"
+      "reader reader-secret-0123456789 readonly\n",
+      "test keys");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.load_model = ModelFromPath(DEFT_TEST_MODEL, /*exact=*/false);
+  o.engine.kv_pool_bytes = int64_t{32} << 20;
+  o.api_keys = std::make_shared<const ApiKeys>(std::move(*keys));
+  auto server = DeftServer::Start(std::move(o));
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->WaitUntilLoaded().ok());
+  auto stub = pb::TreeService::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string((*server)->port()), grpc::InsecureChannelCredentials()));
+  auto as = [](const std::string& secret) {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    if (!secret.empty()) ctx->AddMetadata("authorization", "Bearer " + secret);
+    return ctx;
+  };
+  pb::CreateTreeRequest create;
+  create.set_text("keyed tree");
+  pb::CreateTreeResponse created;
+
+  grpc::Status s = stub->CreateTree(as("").get(), create, &created);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  s = stub->CreateTree(as("not-a-key-0123456789").get(), create, &created);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(s.error_message(), "invalid API key");
+
+  ASSERT_TRUE(stub->CreateTree(as("alice-secret-0123456789").get(), create, &created).ok());
+  pb::CreateTreeResponse second;
+  s = stub->CreateTree(as("alice-secret-0123456789").get(), create, &second);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(s.error_message(), "API key \"alice\" is at its trees quota (1 of 1)");
+
+  s = stub->CreateTree(as("reader-secret-0123456789").get(), create, &second);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(s.error_message(), "API key \"reader\" is read-only and may not call CreateTree");
+
+  pb::GetTreeRequest get;
+  get.set_tree_id(created.tree_id());
+  pb::Tree tree;
+  s = stub->GetTree(as("reader-secret-0123456789").get(), get, &tree);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(stub->GetTree(as("alice-secret-0123456789").get(), get, &tree).ok());
+  pb::ListTreesResponse list;
+  ASSERT_TRUE(
+      stub->ListTrees(as("reader-secret-0123456789").get(), pb::ListTreesRequest(), &list).ok());
+  EXPECT_EQ(list.trees_size(), 0);
+
+  // Deleting frees the quota.
+  pb::DeleteTreeRequest del;
+  del.set_tree_id(created.tree_id());
+  pb::DeleteTreeResponse deleted;
+  ASSERT_TRUE(stub->DeleteTree(as("alice-secret-0123456789").get(), del, &deleted).ok());
+  EXPECT_TRUE(stub->CreateTree(as("alice-secret-0123456789").get(), create, &second).ok());
+}
+
 }  // namespace
 }  // namespace deft::server
