@@ -105,7 +105,12 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
   }
   void OnCancel() override {
     std::lock_guard<std::mutex> lock(core_->mu);
-    core_->client_cancelled = true;
+    // gRPC cancels the call when its deadline passes, too: tell the two apart.
+    if (std::chrono::system_clock::now() >= core_->call_deadline) {
+      core_->deadline_exceeded = true;
+    } else {
+      core_->client_cancelled = true;
+    }
     core_->BreakLocked();
     core_->PumpLocked();
   }
@@ -117,6 +122,8 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     GenerateStream* reactor = nullptr;  // null once Finish was called
     std::shared_ptr<ServingState> state;
     std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    std::chrono::system_clock::time_point call_deadline =
+        std::chrono::system_clock::time_point::max();
     // Weak: the engine's callbacks own this Core, and the engine must not own itself (its last
     // reference dropped on its own scheduler thread). It outlives every reactor (DeftServer).
     std::weak_ptr<TreeEngine> engine;
@@ -250,6 +257,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     };
     // The call's deadline (system clock) as a steady-clock time point for the engine.
     const auto deadline = context.deadline();
+    c.call_deadline = deadline;
     if (deadline != std::chrono::system_clock::time_point::max()) {
       cb.deadline = std::chrono::steady_clock::now() +
                     std::chrono::duration_cast<std::chrono::steady_clock::duration>(

@@ -311,6 +311,15 @@ double SampleValue(const std::string& text, const std::string& name) {
   return std::stod(text.substr(at + name.size() + 2));
 }
 
+// Waits until the metrics text contains `sample` (the server records a stream when it ends).
+bool EventuallyInMetrics(ServerMetrics& metrics, const std::string& sample) {
+  for (int i = 0; i < 200; ++i) {
+    if (metrics.Serialize().find(sample) != std::string::npos) return true;
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  return false;
+}
+
 TEST_F(ServerE2eTest, MetricsCountRequestsAndGeneratedTokens) {
   ServerMetrics& metrics = *TestOptions().metrics;
   const double tokens_before = SampleValue(metrics.Serialize(), "deft_generated_tokens_total");
@@ -624,6 +633,8 @@ TEST_F(ServerE2eTest, CancelledStreamLeavesThePoolAsBefore) {
   grpc::Status s = reader->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED) << s.error_message();
   WaitIdle(t.tree_id());
+  EXPECT_TRUE(EventuallyInMetrics(*TestOptions().metrics,
+                                  "deft_requests_total{code=\"CANCELLED\",method=\"Generate\"}"));
   // The engine stopped: the tree no longer grows, and far fewer than max_tokens were generated.
   const int64_t stopped = GetTree(t.tree_id()).unique_tokens();
   std::this_thread::sleep_for(milliseconds(200));
@@ -684,6 +695,10 @@ TEST_F(ServerE2eTest, ExpiredDeadlineLeavesThePoolAsBefore) {
   Streamed s = Generate(req, &ctx);
   EXPECT_EQ(s.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.status.error_message();
   WaitIdle(t.tree_id());
+  // The server, too, ended the stream as past its deadline (not as a client cancel).
+  EXPECT_TRUE(
+      EventuallyInMetrics(*TestOptions().metrics,
+                          "deft_requests_total{code=\"DEADLINE_EXCEEDED\",method=\"Generate\"}"));
   const int64_t stopped = GetTree(t.tree_id()).unique_tokens();
   std::this_thread::sleep_for(milliseconds(200));
   EXPECT_EQ(GetTree(t.tree_id()).unique_tokens(), stopped);
