@@ -187,6 +187,7 @@ absl::StatusOr<int64_t> TreeEngine::Generate(TreeId tree, std::vector<BranchRequ
     }
   }
   auto g = std::make_unique<Generation>();
+  int64_t id;
   {
     std::lock_guard<std::mutex> lock(mu_);
     absl::flat_hash_set<NodeId> seen;
@@ -226,7 +227,7 @@ absl::StatusOr<int64_t> TreeEngine::Generate(TreeId tree, std::vector<BranchRequ
           "max_tokens or the number of branches)",
           need, bt, pool_->num_blocks()));
     }
-    g->id = next_generation_++;
+    id = g->id = next_generation_++;
     g->callbacks = std::move(callbacks);
     const double now = NowSeconds();
     for (BranchRequest& r : branches) {
@@ -249,7 +250,7 @@ absl::StatusOr<int64_t> TreeEngine::Generate(TreeId tree, std::vector<BranchRequ
     generations_[g->id] = std::move(g);
   }
   work_cv_.notify_all();
-  return next_generation_ - 1;
+  return id;  // read under the lock: another call may have taken the next id since
 }
 
 void TreeEngine::Cancel(int64_t generation) {
