@@ -3,6 +3,7 @@
 #include <chrono>
 #include <deque>
 #include <mutex>
+#include <thread>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -290,6 +291,62 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
   std::shared_ptr<Core> core_;
 };
 
+// Verify's work, off gRPC's callback threads (it runs the model for a while).
+absl::Status VerifyNow(ServingState& state, const grpc::CallbackServerContext& context,
+                       const pb::VerifyRequest* request, pb::VerifyResponse* response) {
+  auto r = Resolve(state, context, "Verify", request->tree_id());
+  if (!r.ok()) return r.status();
+  TreeEngine& engine = *r->ready.engine;
+  absl::Status s = CheckDraft(*request, r->ready.limits);
+  if (!s.ok()) return s;
+  auto params = ToSamplingParams(request->sampling(), "sampling", r->ready.limits, false);
+  if (!params.ok()) return params.status();
+  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+  if (!node.ok()) return node.status();
+  std::vector<int32_t> tokens(request->draft_tokens().begin(), request->draft_tokens().end());
+  std::vector<int32_t> parents(request->draft_parents().begin(), request->draft_parents().end());
+  state.registry().Acquire(request->tree_id());
+  auto v = engine.Verify(r->tree, request->node_id(), tokens, parents, *params);
+  state.registry().Release(request->tree_id());
+  if (!v.ok()) return v.status();
+  for (int32_t i : v->accepted) response->add_accepted_indices(i);
+  for (int32_t t : v->tokens) response->add_tokens(t);
+  for (float l : v->logprobs) response->add_logprobs(l);
+  response->set_text(TextOf(engine, v->tokens));
+  return absl::OkStatus();
+}
+
+// BeamSearch's work, off gRPC's callback threads (it runs the model for a while).
+absl::Status BeamSearchNow(ServingState& state, const grpc::CallbackServerContext& context,
+                           const pb::BeamSearchRequest* request, pb::BeamSearchResponse* response) {
+  auto r = Resolve(state, context, "BeamSearch", request->tree_id());
+  if (!r.ok()) return r.status();
+  TreeEngine& engine = *r->ready.engine;
+  absl::Status s = CheckBeamSearch(*request, r->ready.limits);
+  if (!s.ok()) return s;
+  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+  if (!node.ok()) return node.status();
+  BeamSearchOptions options;
+  options.width = request->width();
+  options.max_tokens = request->max_tokens();
+  options.length_penalty = request->has_length_penalty() ? request->length_penalty() : 1.f;
+  options.stop_at_eos = !request->has_stop_at_eos() || request->stop_at_eos();
+  state.registry().Acquire(request->tree_id());
+  auto result = engine.BeamSearch(r->tree, request->node_id(), options);
+  state.registry().Release(request->tree_id());
+  if (!result.ok()) return result.status();
+  for (const BeamSearchResult::Beam& b : result->beams) {
+    pb::Beam* out = response->add_beams();
+    out->set_node_id(b.node);
+    for (int32_t t : b.tokens) out->add_tokens(t);
+    out->set_text(TextOf(engine, b.tokens));
+    out->set_logprob(b.logprob);
+    out->set_score(b.score);
+    out->set_finished(b.finished);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContext* context,
@@ -424,62 +481,6 @@ grpc::ServerWriteReactor<pb::GenerateEvent>* TreeServiceImpl::Generate(
   return new GenerateStream(state_, context, request);
 }
 
-grpc::ServerUnaryReactor* TreeServiceImpl::Verify(grpc::CallbackServerContext* context,
-                                                  const pb::VerifyRequest* request,
-                                                  pb::VerifyResponse* response) {
-  auto r = Resolve(*state_, *context, "Verify", request->tree_id());
-  if (!r.ok()) return Answer(*state_, "Verify", context, r.status());
-  TreeEngine& engine = *r->ready.engine;
-  absl::Status s = CheckDraft(*request, r->ready.limits);
-  if (!s.ok()) return Answer(*state_, "Verify", context, s);
-  auto params = ToSamplingParams(request->sampling(), "sampling", r->ready.limits, false);
-  if (!params.ok()) return Answer(*state_, "Verify", context, params.status());
-  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(*state_, "Verify", context, node.status());
-  std::vector<int32_t> tokens(request->draft_tokens().begin(), request->draft_tokens().end());
-  std::vector<int32_t> parents(request->draft_parents().begin(), request->draft_parents().end());
-  state_->registry().Acquire(request->tree_id());
-  auto v = engine.Verify(r->tree, request->node_id(), tokens, parents, *params);
-  state_->registry().Release(request->tree_id());
-  if (!v.ok()) return Answer(*state_, "Verify", context, v.status());
-  for (int32_t i : v->accepted) response->add_accepted_indices(i);
-  for (int32_t t : v->tokens) response->add_tokens(t);
-  for (float l : v->logprobs) response->add_logprobs(l);
-  response->set_text(TextOf(engine, v->tokens));
-  return Answer(*state_, "Verify", context, absl::OkStatus());
-}
-
-grpc::ServerUnaryReactor* TreeServiceImpl::BeamSearch(grpc::CallbackServerContext* context,
-                                                      const pb::BeamSearchRequest* request,
-                                                      pb::BeamSearchResponse* response) {
-  auto r = Resolve(*state_, *context, "BeamSearch", request->tree_id());
-  if (!r.ok()) return Answer(*state_, "BeamSearch", context, r.status());
-  TreeEngine& engine = *r->ready.engine;
-  absl::Status s = CheckBeamSearch(*request, r->ready.limits);
-  if (!s.ok()) return Answer(*state_, "BeamSearch", context, s);
-  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(*state_, "BeamSearch", context, node.status());
-  BeamSearchOptions options;
-  options.width = request->width();
-  options.max_tokens = request->max_tokens();
-  options.length_penalty = request->has_length_penalty() ? request->length_penalty() : 1.f;
-  options.stop_at_eos = !request->has_stop_at_eos() || request->stop_at_eos();
-  state_->registry().Acquire(request->tree_id());
-  auto result = engine.BeamSearch(r->tree, request->node_id(), options);
-  state_->registry().Release(request->tree_id());
-  if (!result.ok()) return Answer(*state_, "BeamSearch", context, result.status());
-  for (const BeamSearchResult::Beam& b : result->beams) {
-    pb::Beam* out = response->add_beams();
-    out->set_node_id(b.node);
-    for (int32_t t : b.tokens) out->add_tokens(t);
-    out->set_text(TextOf(engine, b.tokens));
-    out->set_logprob(b.logprob);
-    out->set_score(b.score);
-    out->set_finished(b.finished);
-  }
-  return Answer(*state_, "BeamSearch", context, absl::OkStatus());
-}
-
 grpc::ServerUnaryReactor* TreeServiceImpl::Prune(grpc::CallbackServerContext* context,
                                                  const pb::PruneRequest* request,
                                                  pb::PruneResponse*) {
@@ -568,6 +569,34 @@ grpc::ServerUnaryReactor* TreeServiceImpl::ListTrees(grpc::CallbackServerContext
     }
   });
   return Answer(*state_, "ListTrees", context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::Verify(grpc::CallbackServerContext* context,
+                                                  const pb::VerifyRequest* request,
+                                                  pb::VerifyResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // The request, response and context stay valid until Finish; the engine outlives every call.
+  std::thread([state = state_, context, request, response, reactor]() mutable {
+    grpc::Status status = ToGrpcStatus(VerifyNow(*state, *context, request, response));
+    state->RecordRequest("Verify", status.error_code());
+    state.reset();  // nothing of the server is touched after Finish
+    reactor->Finish(status);
+  }).detach();
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TreeServiceImpl::BeamSearch(grpc::CallbackServerContext* context,
+                                                      const pb::BeamSearchRequest* request,
+                                                      pb::BeamSearchResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // The request, response and context stay valid until Finish; the engine outlives every call.
+  std::thread([state = state_, context, request, response, reactor]() mutable {
+    grpc::Status status = ToGrpcStatus(BeamSearchNow(*state, *context, request, response));
+    state->RecordRequest("BeamSearch", status.error_code());
+    state.reset();  // nothing of the server is touched after Finish
+    reactor->Finish(status);
+  }).detach();
+  return reactor;
 }
 
 }  // namespace deft::server
