@@ -3,8 +3,12 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <future>
+#include <sstream>
 #include <thread>
 
 #include "deft/v1/tree_service.grpc.pb.h"
@@ -129,6 +133,53 @@ TEST(ServerLifecycleTest, IdleTreesExpireAfterTheTtl) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_EQ(s.error_message(), "tree \"" + tree.tree_id() + "\" not found");
   EXPECT_EQ(server->engine()->free_blocks(), free_before);
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+TEST(ServerLifecycleTest, ServesTlsWithTheGivenCertificate) {
+  // A fresh self-signed certificate for "localhost" (openssl ships with Debian's base system).
+  const std::string dir = ::testing::TempDir() + "deft_tls_" + std::to_string(getpid());
+  ASSERT_EQ(std::system(("mkdir -p " + dir +
+                         " && openssl req -x509 -newkey rsa:2048 -nodes "
+                         "-subj /CN=localhost -addext subjectAltName=DNS:localhost -days 1 "
+                         "-keyout " +
+                         dir + "/key.pem -out " + dir + "/cert.pem 2>/dev/null")
+                            .c_str()),
+            0);
+  grpc::SslServerCredentialsOptions ssl;
+  ssl.pem_key_cert_pairs.push_back({ReadAll(dir + "/key.pem"), ReadAll(dir + "/cert.pem")});
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.credentials = grpc::SslServerCredentials(ssl);
+  o.load_model = ModelFromPath(DEFT_TEST_MODEL, /*exact=*/false);
+  o.engine.kv_pool_bytes = int64_t{16} << 20;
+  auto server = DeftServer::Start(std::move(o));
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->WaitUntilLoaded().ok());
+  const std::string target = "localhost:" + std::to_string((*server)->port());
+
+  grpc::SslCredentialsOptions trust;
+  trust.pem_root_certs = ReadAll(dir + "/cert.pem");
+  auto secure = pb::TreeService::NewStub(grpc::CreateChannel(target, grpc::SslCredentials(trust)));
+  pb::ListTreesResponse list;
+  grpc::ClientContext ctx;
+  grpc::Status s = secure->ListTrees(&ctx, pb::ListTreesRequest(), &list);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+
+  // A plaintext client cannot talk to it.
+  auto plain =
+      pb::TreeService::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext pctx;
+  pctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  EXPECT_EQ(plain->ListTrees(&pctx, pb::ListTreesRequest(), &list).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  std::system(("rm -rf " + dir).c_str());
 }
 
 }  // namespace
