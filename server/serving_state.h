@@ -12,7 +12,7 @@
 #include <string>
 #include <utility>
 
-#include "absl/container/flat_hash_set.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "engine/scheduler/tree_engine.h"
 #include "server/metrics.h"
@@ -88,13 +88,15 @@ class ServingState {
   }
   TreeRegistry& registry() { return registry_; }
 
-  // Nodes that are the tip of a running branch (for Node.generating).
+  // Nodes that are the tip of a running branch (for Node.generating). Counted, so that a
+  // request the engine refuses can undo its marks without clearing another stream's.
   void SetGenerating(TreeId tree, NodeId node, bool generating) {
     std::lock_guard<std::mutex> lock(mu_);
+    auto key = std::make_pair(tree, node);
     if (generating) {
-      generating_.insert({tree, node});
-    } else {
-      generating_.erase({tree, node});
+      ++generating_[key];
+    } else if (auto it = generating_.find(key); it != generating_.end() && --it->second <= 0) {
+      generating_.erase(it);
     }
   }
   // Held around TreeEngine::Generate (see tree_service.cc).
@@ -102,7 +104,7 @@ class ServingState {
 
   bool IsGenerating(TreeId tree, NodeId node) const {
     std::lock_guard<std::mutex> lock(mu_);
-    return generating_.contains({tree, node});
+    return generating_.contains(std::make_pair(tree, node));
   }
 
  private:
@@ -111,7 +113,7 @@ class ServingState {
   std::mutex generate_mu_;
   RequestLimits limits_;
   std::shared_ptr<TreeEngine> engine_;
-  absl::flat_hash_set<std::pair<TreeId, NodeId>> generating_;
+  absl::flat_hash_map<std::pair<TreeId, NodeId>, int> generating_;
   AuthorizeFn authorize_;
   ServerMetrics* metrics_;
   TreeRegistry registry_;

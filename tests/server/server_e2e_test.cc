@@ -627,6 +627,23 @@ TEST_F(ServerE2eTest, CancelledStreamLeavesThePoolAsBefore) {
   int tokens = 0;
   while (tokens < 4 && reader->Read(&e)) tokens += e.has_token();
   ASSERT_EQ(tokens, 4);
+  // A second stream on a generating leaf is refused, and the first keeps its mark.
+  {
+    grpc::ClientContext ctx2;
+    pb::GenerateRequest again;
+    again.set_tree_id(t.tree_id());
+    *again.add_branches() = req.branches(0);
+    Streamed refused = Generate(again, &ctx2);
+    EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_EQ(refused.status.error_message(),
+              "branches[0]: node " + std::to_string(leaves[0]) + " is already generating");
+    bool marked = false;
+    const pb::Tree now = GetTree(t.tree_id());
+    for (const pb::Node& n : now.nodes()) {
+      marked |= n.node_id() == leaves[0] && n.generating();
+    }
+    EXPECT_TRUE(marked);
+  }
   ctx.TryCancel();
   while (reader->Read(&e)) {
   }
