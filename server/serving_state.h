@@ -99,9 +99,6 @@ class ServingState {
       generating_.erase(it);
     }
   }
-  // Held around TreeEngine::Generate (see tree_service.cc).
-  std::mutex& generate_mu() { return generate_mu_; }
-
   bool IsGenerating(TreeId tree, NodeId node) const {
     std::lock_guard<std::mutex> lock(mu_);
     return generating_.contains(std::make_pair(tree, node));
@@ -110,7 +107,6 @@ class ServingState {
  private:
   const std::string attention_mode_;
   mutable std::mutex mu_;
-  std::mutex generate_mu_;
   RequestLimits limits_;
   std::shared_ptr<TreeEngine> engine_;
   absl::flat_hash_map<std::pair<TreeId, NodeId>, int> generating_;

@@ -268,13 +268,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     c.state->registry().Acquire(c.tree_id);
     const int64_t num_branches = static_cast<int64_t>(branches->size());
     if (ServerMetrics* m = c.state->metrics()) m->AddActiveBranches(num_branches);
-    absl::StatusOr<int64_t> generation;
-    {
-      // TreeEngine::Generate reads the id it returns after releasing its lock, so two concurrent
-      // calls could both get the later id; one at a time, the id is this call's.
-      std::lock_guard<std::mutex> lock(c.state->generate_mu());
-      generation = engine->Generate(c.tree, std::move(*branches), std::move(cb));
-    }
+    auto generation = engine->Generate(c.tree, std::move(*branches), std::move(cb));
     if (!generation.ok()) {
       for (const pb::Branch& b : request.branches()) {
         c.state->SetGenerating(c.tree, b.node_id(), false);
