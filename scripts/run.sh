@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Set up (packages, build, model) and generate text with the default model on the CPU.
-#   scripts/run.sh ["prompt"]
+# Set up (packages, build, default model) and start deft-server on the default model.
+#   scripts/run.sh [deft-server flags...]     e.g. --listen 0.0.0.0:50051 --metrics_port 9090
 set -euo pipefail
 here=$(dirname "$0")
 source "$here/common.sh"
 bash "$here/setup.sh"
-prompt=${1:-"Write a haiku about trees that share their roots."}
-exec "$BUILD_DIR/bin/deftctl" generate --model "$DEFT_MODEL" --prompt "$prompt" --max_tokens 128
+exec "$BUILD_DIR/bin/deft-server" --model "$DEFT_MODEL" "$@"
