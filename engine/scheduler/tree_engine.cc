@@ -105,21 +105,18 @@ bool TreeEngine::NodeIsGenerating(TreeId tree, NodeId node) const {
 }
 
 absl::Status TreeEngine::DeleteTree(TreeId tree) {
-  std::vector<Event> events;
   absl::Status s;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!cache_->HasTree(tree)) {
       return absl::NotFoundError(absl::StrFormat("no tree %d", tree));
     }
-    for (auto& [id, g] : generations_) {
-      for (auto& b : g->branches) {
-        if (!b->done && b->tree == tree) FinishBranch(*g, *b, FinishReason::kCancelled, &events);
-      }
-    }
+    // Branches generating in this tree are finished (kCancelled) by the scheduler's next step,
+    // on its own thread, so that their callbacks stay in order: a finish is never delivered
+    // before token events the scheduler is still holding from the step before.
     s = cache_->DeleteTree(tree);
   }
-  for (Event& e : events) e.deliver();
+  work_cv_.notify_all();
   return s;
 }
 
@@ -208,18 +205,25 @@ absl::StatusOr<int64_t> TreeEngine::Generate(TreeId tree, std::vector<BranchRequ
             absl::StrFormat("branches[%d]: node %d is already generating", i, node));
       }
     }
-    // Admission: blocks this request needs at most (each branch: the pending tokens on its
-    // path and its new tokens, capped by the context, plus a partly filled block).
+    // Admission: blocks this request needs at most. n new tokens of a node take ceil(n / B)
+    // fresh blocks, plus one when the node already holds blocks (its partly filled last block
+    // may be shared and copied on write). Pending nodes shared by several branches (a fresh
+    // prompt) count once; each branch adds its new tokens, capped by the context.
     const int32_t bt = pool_->block_tokens();
     int64_t need = 0;
+    absl::flat_hash_set<NodeId> counted;
+    auto blocks_for = [bt](int64_t tokens, const TreeNode& n) {
+      return (tokens + bt - 1) / bt + (n.blocks.empty() ? 0 : 1);
+    };
     for (const BranchRequest& r : branches) {
       auto path = cache_->Path(tree, r.node);
-      int64_t pending = 0;
-      for (const TreeNode* n : *path) pending += n->length() - n->num_computed;
-      const int64_t room = model_->config().context_length - (*path).back()->end_position();
-      need += (pending + std::min<int64_t>(r.params.max_tokens, std::max<int64_t>(room, 0)) +
-               2 * bt - 1) /
-              bt;
+      for (const TreeNode* n : *path) {
+        const int64_t pending = n->length() - n->num_computed;
+        if (pending > 0 && counted.insert(n->id).second) need += blocks_for(pending, *n);
+      }
+      const TreeNode& tip = *path->back();
+      const int64_t room = model_->config().context_length - tip.end_position();
+      need += blocks_for(std::min<int64_t>(r.params.max_tokens, std::max<int64_t>(room, 0)), tip);
     }
     if (need > pool_->num_blocks()) {
       return absl::ResourceExhaustedError(absl::StrFormat(
