@@ -1,0 +1,76 @@
+// DeFT tree attention on the GPU: executes one layer of a host-built DeFT partition plan
+// (engine/attention/partition_plan.h) over the paged KV pool, in any of the four modes
+// (seq, tree, node, flatten: the mode only changes the plan, not the kernels).
+//
+// Two launches per layer:
+//  1. chunk kernel, one CTA per (chunk, KV head): the chunk's K/V tiles are read from HBM once
+//     into shared memory and serve every query of the chunk and every query head of the GQA
+//     group (rows = entries x group, a tensor-core M dimension). Per entry it writes a partial
+//     state (o normalized, fp32; lse natural log) to the workspace. Masks (token trees, chunk
+//     boundaries inside a segment) come from the plan's per-entry bitmasks.
+//  2. merge kernel, one warp per (query, head): merges the query's entries in the plan's order
+//     (deterministic; no atomics) into out, in the activation dtype.
+//
+// Layouts (all device pointers):
+//  q   : [num_queries, num_heads, head_dim], dtype T (RoPE applied, not scaled)
+//  out : [num_queries, num_heads, head_dim], dtype T
+//  k, v: token `slot` of KV head h at k + slot * kv_slot_stride + h * head_dim (elements of T);
+//        each head's head_dim values contiguous and 16-byte aligned.
+//  plan arrays: the PartitionPlan vectors of the same names, uploaded as int32 / uint64.
+//  workspace: TreeAttentionWorkspaceBytes(...) bytes, 256-byte aligned.
+// T is __half or __nv_bfloat16; head_dim 64 or 128; num_heads / num_kv_heads in 1..8.
+// Chunks may hold at most kTreeAttentionMaxChunkTokens tokens (the planner's max_chunk_tokens
+// and seq_chunk_tokens must not exceed it).
+//
+// Errors: cudaErrorInvalidValue for an unsupported shape or dtype, else the launch's error.
+// Thread safety: stateless; concurrent launches need distinct workspaces.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace deft::kernels {
+
+enum class KvDtype { kFloat16, kBFloat16 };
+
+inline constexpr int kTreeAttentionMaxChunkTokens = 512;
+
+struct TreeAttentionPlanView {  // device pointers to the plan's arrays
+  const int32_t* kv_slots = nullptr;          // [num_kv]
+  const int32_t* chunk_begin = nullptr;       // [num_chunks + 1]
+  const int32_t* entry_begin = nullptr;       // [num_chunks + 1]
+  const int32_t* entry_query = nullptr;       // [num_entries]
+  const int32_t* entry_mask_begin = nullptr;  // [num_entries + 1]
+  const uint64_t* masks = nullptr;            // [num_mask_words]
+  const int32_t* query_entry_begin = nullptr; // [num_queries + 1]
+  const int32_t* query_entries = nullptr;     // [query_entry_begin[num_queries]]
+  int32_t num_chunks = 0;
+  int32_t num_queries = 0;
+  int32_t num_entries = 0;
+  int32_t max_chunk_tokens = 0;  // longest chunk of this plan (<= kTreeAttentionMaxChunkTokens)
+};
+
+struct TreeAttentionArgs {
+  KvDtype dtype = KvDtype::kFloat16;
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  const void* q = nullptr;
+  void* out = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t kv_slot_stride = 0;  // elements between consecutive slots (num_kv_heads * head_dim
+                               // for a [slot][head][dim] layout)
+  TreeAttentionPlanView plan;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+};
+
+// Bytes of workspace a plan with `num_entries` entries needs for `num_heads` x `head_dim`.
+size_t TreeAttentionWorkspaceBytes(int32_t num_entries, int32_t num_heads, int32_t head_dim);
+
+cudaError_t RunTreeAttention(const TreeAttentionArgs& args, cudaStream_t stream);
+
+}  // namespace deft::kernels
