@@ -582,6 +582,71 @@ TEST_F(ServerE2eTest, BadInputGetsExactErrorsAndLeavesOtherTreesIntact) {
        grpc::StatusCode::FAILED_PRECONDITION,
        "node " + std::to_string(root) + " is the root; delete the tree instead"},
   };
+  // Raw invalid UTF-8 on the wire in every text input (bytes fields documented as UTF-8 text,
+  // so the request reaches the handler, which names the field).
+  const std::string bad_utf8("ok \xff\xfe", 5);
+  auto extend_text = [&](const std::string& text) {
+    pb::ExtendRequest req;
+    req.set_tree_id(a_id);
+    req.set_node_id(root);
+    req.set_text(text);
+    pb::ExtendResponse resp;
+    grpc::ClientContext ctx;
+    return trees_->Extend(&ctx, req, &resp);
+  };
+  auto create_chat = [&](const std::string& role, const std::string& content) {
+    pb::CreateTreeRequest req;
+    pb::ChatMessage* m = req.mutable_messages()->add_messages();
+    m->set_role("system");
+    m->set_content("You are brief.");
+    m = req.mutable_messages()->add_messages();
+    m->set_role(role);
+    m->set_content(content);
+    pb::CreateTreeResponse resp;
+    grpc::ClientContext ctx;
+    return trees_->CreateTree(&ctx, req, &resp);
+  };
+  const std::string a_before = GetTree(a_id).SerializeAsString();
+  const size_t trees_before = server_->state().registry().size();
+  std::vector<BadCase> utf8_cases = {
+      {"invalid UTF-8 prompt text",
+       [&] {
+         pb::CreateTreeRequest req;
+         req.set_text(bad_utf8);
+         pb::CreateTreeResponse resp;
+         grpc::ClientContext ctx;
+         return trees_->CreateTree(&ctx, req, &resp);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "text is not valid UTF-8"},
+      {"invalid UTF-8 chat content", [&] { return create_chat("user", bad_utf8); },
+       grpc::StatusCode::INVALID_ARGUMENT, "messages.messages[1].content is not valid UTF-8"},
+      {"invalid UTF-8 chat role", [&] { return create_chat(bad_utf8, "hi"); },
+       grpc::StatusCode::INVALID_ARGUMENT,
+       "messages.messages[1].role must be system, user or assistant, got \"ok "
+       "\xEF\xBF\xBD\xEF\xBF\xBD\""},
+      {"invalid UTF-8 extend text", [&] { return extend_text(bad_utf8); },
+       grpc::StatusCode::INVALID_ARGUMENT, "text is not valid UTF-8"},
+      {"truncated UTF-8 sequence", [&] { return extend_text("caf\xC3"); },
+       grpc::StatusCode::INVALID_ARGUMENT, "text is not valid UTF-8"},
+      {"invalid UTF-8 stop string",
+       [&] {
+         return generate({good, with([&](auto* p) {
+                            p->add_stop("fine");
+                            p->add_stop(bad_utf8);
+                          })});
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "branches[1].sampling.stop[1] is not valid UTF-8"},
+      {"invalid UTF-8 tokenize text",
+       [&] {
+         pb::TokenizeRequest req;
+         req.set_text(bad_utf8);
+         pb::TokenizeResponse resp;
+         grpc::ClientContext ctx;
+         return models_->Tokenize(&ctx, req, &resp);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "text is not valid UTF-8"},
+  };
+  cases.insert(cases.end(), utf8_cases.begin(), utf8_cases.end());
   for (const BadCase& c : cases) {
     grpc::Status s = c.call();
     EXPECT_EQ(s.error_code(), c.code) << c.name << ": " << s.error_message();
@@ -589,22 +654,10 @@ TEST_F(ServerE2eTest, BadInputGetsExactErrorsAndLeavesOtherTreesIntact) {
     EXPECT_EQ(GetTree(other.tree_id()).SerializeAsString(), other_before) << c.name;
     EXPECT_EQ(server_->engine()->free_blocks(), free_before) << c.name;
   }
-  // Invalid UTF-8 in a string field never reaches the handlers: proto3 string fields are
-  // checked by protobuf's parser, and gRPC rejects the request before the service sees it
-  // (server/validation.h's CheckUtf8 covers callers that bypass the wire). The tree is untouched.
-  {
-    const std::string a_before = GetTree(a_id).SerializeAsString();
-    pb::ExtendRequest req;
-    req.set_tree_id(a_id);
-    req.set_node_id(root);
-    req.set_text(std::string("ok \xff\xfe", 5));
-    pb::ExtendResponse resp;
-    grpc::ClientContext ctx;
-    grpc::Status s = trees_->Extend(&ctx, req, &resp);
-    EXPECT_FALSE(s.ok());
-    EXPECT_EQ(GetTree(a_id).SerializeAsString(), a_before);
-    EXPECT_EQ(GetTree(other.tree_id()).SerializeAsString(), other_before);
-  }
+  // The bad requests changed nothing: tree a as it was, no tree created, valid text still works.
+  EXPECT_EQ(GetTree(a_id).SerializeAsString(), a_before);
+  EXPECT_EQ(server_->state().registry().size(), trees_before);
+  EXPECT_TRUE(extend_text("caf\xC3\xA9").ok());
   DeleteTree(a_id);
   DeleteTree(b.tree_id());
   DeleteTree(other.tree_id());
