@@ -2,32 +2,22 @@
 
 #include <unistd.h>
 
-#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
-#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_split.h"
+#include "clients/deftctl/flags.h"
+#include "clients/deftctl/progress.h"
 #include "engine/model/generate.h"
 #include "engine/model/llama_model.h"
 
 ABSL_FLAG(std::string, model, "",
           "GGUF file or Hugging Face directory (default: $DEFT_MODEL, else the cached SmolLM2)");
-ABSL_FLAG(std::string, prompt, "", "Prompt text");
-ABSL_FLAG(std::string, system, "", "System message (chat mode)");
 ABSL_FLAG(bool, raw, false, "Send the prompt as-is instead of through the model's chat template");
-ABSL_FLAG(int32_t, max_tokens, 128, "Tokens to generate at most");
-ABSL_FLAG(double, temperature, 0.0, "Sampling temperature (0: greedy)");
-ABSL_FLAG(int32_t, top_k, 0, "Top-k (0: off)");
-ABSL_FLAG(double, top_p, 1.0, "Top-p in (0, 1]");
-ABSL_FLAG(double, min_p, 0.0, "Min-p in [0, 1)");
-ABSL_FLAG(double, repetition_penalty, 1.0, "Repetition penalty (1: off)");
-ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
-ABSL_FLAG(std::string, stop, "", "Comma-separated stop strings");
 ABSL_FLAG(int32_t, threads, 0, "Worker threads (0: one per core)");
 ABSL_FLAG(bool, exact, false, "Dequantize weights to fp32 (slower, matches the fp32 reference)");
 ABSL_FLAG(bool, stats, true, "Print timing to stderr at the end");
@@ -47,37 +37,6 @@ std::string DefaultModelPath() {
   }
   return cache + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
-
-// Shows a spinner with elapsed seconds on stderr (when it is a terminal) until destroyed.
-class Progress {
- public:
-  explicit Progress(std::string what) : what_(std::move(what)) {
-    if (!isatty(STDERR_FILENO)) {
-      std::fprintf(stderr, "%s...\n", what_.c_str());
-      return;
-    }
-    thread_ = std::thread([this] {
-      const char* frames = "|/-\\";
-      auto start = std::chrono::steady_clock::now();
-      for (int i = 0; !done_.load(); ++i) {
-        double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        std::fprintf(stderr, "\r%c %s... %.1fs", frames[i % 4], what_.c_str(), s);
-        std::fflush(stderr);
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      }
-      std::fprintf(stderr, "\r\033[K");
-    });
-  }
-  ~Progress() {
-    done_.store(true);
-    if (thread_.joinable()) thread_.join();
-  }
-
- private:
-  std::string what_;
-  std::atomic<bool> done_{false};
-  std::thread thread_;
-};
 
 }  // namespace
 
@@ -115,7 +74,9 @@ int RunLocalGenerate() {
   }
 
   auto created = [&]() -> absl::StatusOr<std::unique_ptr<LlamaModel>> {
-    Progress progress("loading " + std::filesystem::path(path).filename().string());
+    const std::string what = "loading " + std::filesystem::path(path).filename().string();
+    if (!isatty(STDERR_FILENO)) std::fprintf(stderr, "%s...\n", what.c_str());
+    WaitIndicator progress(what, std::chrono::milliseconds(0));
     LoadOptions load;
     load.dequantize_to_f32 = absl::GetFlag(FLAGS_exact);
     auto loaded = LoadModel(path, load);
