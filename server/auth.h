@@ -34,7 +34,8 @@ namespace deft {
 struct ApiKey {
   std::string id;
   std::string secret;
-  std::optional<int64_t> max_trees;      // live trees owned by the key
+  std::optional<int64_t> max_trees;  // live trees owned by the key
+  // nodes and kv_blocks are counted and enforced as server/quota.h says.
   std::optional<int64_t> max_nodes;      // nodes over all of the key's trees
   std::optional<int64_t> max_kv_blocks;  // KV blocks referenced by the key's trees
   bool readonly = false;

@@ -76,6 +76,7 @@ absl::StatusOr<std::unique_ptr<DeftServer>> DeftServer::Start(ServerOptions opti
   }
   s->state_ = std::make_shared<ServingState>(o.attention_mode, limits, authorize, o.metrics);
   *state_slot = s->state_.get();
+  if (o.api_keys != nullptr) s->state_->SetApiKeys(o.api_keys);
   s->tree_service_ = std::make_unique<TreeServiceImpl>(s->state_);
   s->model_service_ = std::make_unique<ModelServiceImpl>(s->state_);
 

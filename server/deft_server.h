@@ -52,7 +52,8 @@ std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::
 // Admits calls by API key (server/auth.h): the "authorization: Bearer <secret>" metadata names
 // the key, whose id owns the caller's trees; a read-only key may call only GetTree, ListTrees and
 // the ModelService RPCs (PERMISSION_DENIED otherwise); CreateTree honours the key's trees quota,
-// counting with `trees_owned(key id)`. The nodes and kv_blocks quotas are not enforced yet.
+// counting with `trees_owned(key id)`. The nodes and kv_blocks quotas are enforced by the
+// handlers (server/quota.h) when ServerOptions::api_keys is set.
 AuthorizeFn ApiKeyAuthorizer(std::shared_ptr<const ApiKeys> keys,
                              std::function<int64_t(const std::string& owner)> trees_owned);
 

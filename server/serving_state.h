@@ -1,5 +1,6 @@
 // ServingState: what the gRPC services share: the engine (absent until the model has loaded), the
-// request limits, the tree registry, the nodes now generating, and how a call's owner is found.
+// request limits, the tree registry, the nodes now generating, how a call's owner is found, and
+// the API keys whose nodes/kv_blocks quotas the handlers enforce (server/quota.h).
 //
 // Thread safety: every method may be called from any thread.
 #pragma once
@@ -15,7 +16,9 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "engine/scheduler/tree_engine.h"
+#include "server/auth.h"
 #include "server/metrics.h"
+#include "server/quota.h"
 #include "server/tree_registry.h"
 #include "server/validation.h"
 
@@ -35,6 +38,12 @@ class ServingState {
   };
   struct Call : Ready {
     std::string owner;
+    // The owner's API key when keys are installed (SetApiKeys) and it names one; else null.
+    const ApiKey* key = nullptr;
+    // Whether the handlers must count this call against a nodes or kv_blocks quota.
+    bool has_usage_quota() const {
+      return key != nullptr && (key->max_nodes.has_value() || key->max_kv_blocks.has_value());
+    }
   };
 
   // `metrics` may be null (no metrics); it must outlive the services.
@@ -51,6 +60,11 @@ class ServingState {
     limits_.vocab_size = engine->model().config().vocab_size;
     limits_.context_length = engine->model().config().context_length;
     engine_ = std::move(engine);
+  }
+  // The API keys whose quotas apply to the owners the authorizer names (set before serving).
+  void SetApiKeys(std::shared_ptr<const ApiKeys> keys) {
+    std::lock_guard<std::mutex> lock(mu_);
+    api_keys_ = std::move(keys);
   }
   // Takes the engine out (shutdown); later calls answer UNAVAILABLE.
   std::shared_ptr<TreeEngine> TakeEngine() {
@@ -78,6 +92,8 @@ class ServingState {
     auto ready = GetReady();
     if (!ready.ok()) return ready.status();
     static_cast<Ready&>(call) = std::move(*ready);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (api_keys_ != nullptr) call.key = api_keys_->Find(call.owner);
     return call;
   }
   const std::string& attention_mode() const { return attention_mode_; }
@@ -87,6 +103,7 @@ class ServingState {
     if (metrics_ != nullptr) metrics_->RecordRequest(method, StatusCodeName(code));
   }
   TreeRegistry& registry() { return registry_; }
+  QuotaLedger& quotas() { return quotas_; }
 
   // Nodes that are the tip of a running branch (for Node.generating). Counted, so that a
   // request the engine refuses can undo its marks without clearing another stream's.
@@ -112,7 +129,9 @@ class ServingState {
   absl::flat_hash_map<std::pair<TreeId, NodeId>, int> generating_;
   AuthorizeFn authorize_;
   ServerMetrics* metrics_;
+  std::shared_ptr<const ApiKeys> api_keys_;
   TreeRegistry registry_;
+  QuotaLedger quotas_;
 };
 
 }  // namespace deft::server

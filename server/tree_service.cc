@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -49,6 +50,101 @@ absl::StatusOr<TreeNode> GetNode(const TreeEngine& engine, TreeId tree, const st
     if (n.ok()) out = **n;
   });
   return out;
+}
+
+absl::Status ToAbsl(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+// The usage charged to the caller's key (server/quota.h), with `what_if` targets.
+QuotaUsage UsageOf(ServingState& state, const ServingState::Call& call,
+                   const absl::flat_hash_map<std::pair<TreeId, NodeId>, int64_t>& what_if = {}) {
+  std::vector<TreeId> trees;
+  for (const auto& [id, tree] : state.registry().List(call.owner)) trees.push_back(tree);
+  return state.quotas().Usage(*call.engine, call.owner, trees, what_if);
+}
+
+// OK when the caller's key can take `add` more nodes and KV blocks on top of `now`;
+// RESOURCE_EXHAUSTED naming the quota otherwise.
+absl::Status CheckUsage(const ServingState::Call& call, const QuotaUsage& now,
+                        const QuotaUsage& add) {
+  if (!call.has_usage_quota()) return absl::OkStatus();
+  grpc::Status s = ApiKeys::CheckNodeQuota(*call.key, now.nodes, add.nodes);
+  if (s.ok()) s = ApiKeys::CheckKvBlockQuota(*call.key, now.kv_blocks, add.kv_blocks);
+  return ToAbsl(s);
+}
+
+// Holds the caller's quota lock (check-and-act) when its key has a nodes or kv_blocks quota.
+std::unique_lock<std::mutex> LockQuota(ServingState& state, const ServingState::Call& call) {
+  if (!call.has_usage_quota()) return {};
+  return state.quotas().LockOwner(call.owner);
+}
+
+// A usage reservation for a running Verify or BeamSearch: checked and held under the owner's
+// lock, given back when it goes out of scope.
+class QuotaReservation {
+ public:
+  QuotaReservation(ServingState& state, const ServingState::Call& call, QuotaUsage usage)
+      : state_(state), owner_(call.owner), usage_(usage) {
+    if (!call.has_usage_quota()) return;
+    auto lock = state.quotas().LockOwner(owner_);
+    status_ = CheckUsage(call, UsageOf(state, call), usage);
+    if (!status_.ok()) return;
+    state.quotas().Reserve(owner_, usage_);
+    held_ = true;
+  }
+  ~QuotaReservation() {
+    if (held_) state_.quotas().Unreserve(owner_, usage_);
+  }
+  const absl::Status& status() const { return status_; }
+
+ private:
+  ServingState& state_;
+  std::string owner_;
+  QuotaUsage usage_;
+  absl::Status status_;
+  bool held_ = false;
+};
+
+// Lowers the branches' max_tokens to what the caller's kv_blocks quota leaves them (quota.h) and
+// charges each branch at its cap (the ledger's targets; the caller clears them). Returns the
+// nodes whose cap is below what they asked for, or RESOURCE_EXHAUSTED when some branch cannot
+// get its first token. REQUIRES: the owner's quota lock held.
+absl::StatusOr<absl::flat_hash_set<NodeId>> CapToKvQuota(ServingState& state,
+                                                         const ServingState::Call& call,
+                                                         TreeId tree,
+                                                         std::vector<BranchRequest>& branches) {
+  std::vector<TreeNode> nodes;
+  BlockCounts counts;
+  call.engine->WithTrees([&](const TreeKvCache& cache) {
+    counts = CountBlocks(cache, tree);
+    for (const BranchRequest& b : branches) {
+      auto n = cache.GetNode(tree, b.node);
+      if (n.ok()) nodes.push_back(**n);
+    }
+  });
+  absl::flat_hash_set<NodeId> capped;
+  if (nodes.size() != branches.size()) return capped;  // pruned meanwhile: the engine says so
+  const int32_t block_tokens = call.engine->options().block_tokens;
+  const QuotaUsage now = UsageOf(state, call);
+  std::vector<int32_t> max_tokens;
+  for (const BranchRequest& b : branches) max_tokens.push_back(b.params.max_tokens);
+  const std::vector<int32_t> caps = GrantTokens(
+      nodes, max_tokens, counts, *call.key->max_kv_blocks - now.kv_blocks, block_tokens);
+  if (caps.empty()) {
+    int64_t first = 0;
+    for (const TreeNode& n : nodes) {
+      first += BlocksToAllocate(n, n.length() + 1, counts, block_tokens) -
+               BlocksToAllocate(n, n.length(), counts, block_tokens);
+    }
+    return ToAbsl(ApiKeys::CheckKvBlockQuota(*call.key, now.kv_blocks, first));
+  }
+  for (size_t i = 0; i < branches.size(); ++i) {
+    if (caps[i] < branches[i].params.max_tokens) capped.insert(branches[i].node);
+    branches[i].params.max_tokens = caps[i];
+    state.quotas().SetTarget(tree, nodes[i].id, nodes[i].length() + caps[i]);
+  }
+  return capped;
 }
 
 // Text of `tokens` as valid UTF-8.
@@ -140,6 +236,9 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     bool engine_done = false;
     absl::Status engine_status;
     absl::flat_hash_map<NodeId, int64_t> prompt_tokens;  // per branch; written before Generate
+    // Branches capped below their max_tokens by the kv_blocks quota; written before Generate.
+    absl::flat_hash_set<NodeId> kv_capped;
+    bool quota_targets = false;  // the branches are charged at their caps (QuotaLedger targets)
 
     void BreakLocked() {
       if (broken) return;
@@ -208,6 +307,16 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
       }
       c.prompt_tokens[n->id] = n->end_position();
     }
+    // Under the key's kv_blocks quota the branches run with the caps its free blocks allow.
+    std::unique_lock<std::mutex> quota_lock;
+    const ServingState::Call& call = resolved->ready;
+    if (call.has_usage_quota() && call.key->max_kv_blocks.has_value()) {
+      quota_lock = LockQuota(*c.state, call);
+      auto capped = CapToKvQuota(*c.state, call, c.tree, *branches);
+      if (!capped.ok()) return FinishNow(capped.status());
+      c.kv_capped = std::move(*capped);
+      c.quota_targets = true;
+    }
 
     GenerateCallbacks cb;
     std::shared_ptr<Core> core = core_;
@@ -230,6 +339,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     };
     cb.on_finish = [core](NodeId node, FinishReason reason, const BranchUsage& usage) {
       core->state->SetGenerating(core->tree, node, false);
+      if (core->quota_targets) core->state->quotas().ClearTarget(core->tree, node);
       if (ServerMetrics* m = core->state->metrics()) {
         m->AddActiveBranches(-1);
         m->AddGeneratedTokens(usage.completion_tokens);
@@ -238,7 +348,9 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
       pb::GenerateEvent e;
       pb::FinishEvent* fe = e.mutable_finish();
       fe->set_node_id(node);
-      fe->set_reason(ToProto(reason));
+      fe->set_reason(reason == FinishReason::kLength && core->kv_capped.contains(node)
+                         ? pb::FINISH_REASON_KV_QUOTA
+                         : ToProto(reason));
       auto pt = core->prompt_tokens.find(node);
       if (pt != core->prompt_tokens.end()) {
         fe->mutable_usage()->set_prompt_tokens(static_cast<int32_t>(pt->second));
@@ -272,6 +384,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     if (!generation.ok()) {
       for (const pb::Branch& b : request.branches()) {
         c.state->SetGenerating(c.tree, b.node_id(), false);
+        if (c.quota_targets) c.state->quotas().ClearTarget(c.tree, b.node_id());
       }
       c.state->registry().Release(c.tree_id);
       if (ServerMetrics* m = c.state->metrics()) m->AddActiveBranches(-num_branches);
@@ -299,6 +412,11 @@ absl::Status VerifyNow(ServingState& state, const grpc::CallbackServerContext& c
   if (!node.ok()) return node.status();
   std::vector<int32_t> tokens(request->draft_tokens().begin(), request->draft_tokens().end());
   std::vector<int32_t> parents(request->draft_parents().begin(), request->draft_parents().end());
+  // Worst case: every draft token stored, the bonus token, a block boundary and a copy-on-write.
+  const int64_t draft_blocks =
+      BlocksFor(0, static_cast<int64_t>(tokens.size()) + 1, engine.options().block_tokens) + 2;
+  QuotaReservation reservation(state, r->ready, QuotaUsage{0, draft_blocks});
+  if (!reservation.status().ok()) return reservation.status();
   state.registry().Acquire(request->tree_id());
   auto v = engine.Verify(r->tree, request->node_id(), tokens, parents, *params);
   state.registry().Release(request->tree_id());
@@ -325,6 +443,11 @@ absl::Status BeamSearchNow(ServingState& state, const grpc::CallbackServerContex
   options.max_tokens = request->max_tokens();
   options.length_penalty = request->has_length_penalty() ? request->length_penalty() : 1.f;
   options.stop_at_eos = !request->has_stop_at_eos() || request->stop_at_eos();
+  // Worst case: at most `width` new nodes per step, each token in a block of its own, plus a
+  // copy-on-write per beam.
+  const int64_t new_nodes = int64_t{options.width} * options.max_tokens;
+  QuotaReservation reservation(state, r->ready, QuotaUsage{new_nodes, new_nodes + options.width});
+  if (!reservation.status().ok()) return reservation.status();
   state.registry().Acquire(request->tree_id());
   auto result = engine.BeamSearch(r->tree, request->node_id(), options);
   state.registry().Release(request->tree_id());
@@ -402,6 +525,13 @@ grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContex
                   absl::InvalidArgumentError("prompt: it is empty"));
   absl::Status len = CheckPromptLength(static_cast<int64_t>(prompt.size()), limits.context_length);
   if (!len.ok()) return Answer(*state_, "CreateTree", context, len);
+  std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, *ready);
+  if (ready->has_usage_quota()) {
+    const QuotaUsage add{
+        1, BlocksFor(0, static_cast<int64_t>(prompt.size()), engine.options().block_tokens)};
+    absl::Status q = CheckUsage(*ready, UsageOf(*state_, *ready), add);
+    if (!q.ok()) return Answer(*state_, "CreateTree", context, q);
+  }
   auto tree = ready->engine->CreateTree(prompt);
   if (!tree.ok()) return Answer(*state_, "CreateTree", context, tree.status());
   NodeId root = kNoNode;
@@ -431,6 +561,15 @@ grpc::ServerUnaryReactor* TreeServiceImpl::Fork(grpc::CallbackServerContext* con
                   absl::OutOfRangeError(
                       absl::StrFormat("offset %d is outside node %d, which has %d tokens",
                                       request->offset(), request->node_id(), node->length())));
+  }
+  std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, r->ready);
+  if (r->ready.has_usage_quota()) {
+    // A split adds its head node, and a copy-on-write when the node still has tokens to compute.
+    const bool split = request->offset() > 0 && request->offset() < node->length();
+    const QuotaUsage add{request->count() + (split ? 1 : 0),
+                         split && node->num_computed < node->length() ? 1 : 0};
+    absl::Status q = CheckUsage(r->ready, UsageOf(*state_, r->ready), add);
+    if (!q.ok()) return Answer(*state_, "Fork", context, q);
   }
   auto children = engine.Fork(r->tree, request->node_id(), request->offset(), request->count());
   if (!children.ok()) return Answer(*state_, "Fork", context, children.status());
@@ -462,6 +601,15 @@ grpc::ServerUnaryReactor* TreeServiceImpl::Extend(grpc::CallbackServerContext* c
   }
   auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
   if (!node.ok()) return Answer(*state_, "Extend", context, node.status());
+  std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, r->ready);
+  if (r->ready.has_usage_quota()) {
+    const QuotaUsage now = UsageOf(*state_, r->ready);
+    const QuotaUsage after =
+        UsageOf(*state_, r->ready,
+                {{{r->tree, node->id}, node->length() + static_cast<int64_t>(tokens.size())}});
+    absl::Status q = CheckUsage(r->ready, now, QuotaUsage{0, after.kv_blocks - now.kv_blocks});
+    if (!q.ok()) return Answer(*state_, "Extend", context, q);
+  }
   absl::Status s = engine.Extend(r->tree, request->node_id(), tokens);
   if (!s.ok()) return Answer(*state_, "Extend", context, s);
   node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
