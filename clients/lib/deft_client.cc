@@ -158,7 +158,11 @@ absl::Status DeftClient::WaitUntilServing(std::chrono::milliseconds timeout) con
     call.wait_for_ready = true;  // the channel may still be connecting
     absl::StatusOr<pb::ModelInfo> info = GetModelInfo(call);
     if (info.ok()) return absl::OkStatus();
-    if (info.status().code() != absl::StatusCode::kUnavailable) return info.status();
+    // UNAVAILABLE: still loading; DEADLINE_EXCEEDED: still connecting when `left` ran out.
+    const absl::StatusCode code = info.status().code();
+    if (code != absl::StatusCode::kUnavailable && code != absl::StatusCode::kDeadlineExceeded) {
+      return info.status();
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
 }
