@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages deft-serve builds with, when any is missing. Idempotent.
 set -euo pipefail
-pkgs=(build-essential cmake ccache pkg-config unzip python3 python3-pip
+pkgs=(build-essential cmake ccache pkg-config unzip python3 python3-pip python3-venv
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
       prometheus-cpp-dev libcpp-httplib-dev nlohmann-json3-dev libgtest-dev libgmock-dev
       libbenchmark-dev prometheus)
