@@ -15,6 +15,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "clients/examples/example_common.h"
@@ -130,7 +131,8 @@ int main(int argc, char** argv) {
       deft::examples::Sampling(0, 0, static_cast<int32_t>(std::max<size_t>(out.size(), 1)));
   b->mutable_sampling()->set_ignore_eos(true);  // `out` ends at an EOS token, if it has one
   const auto greedy_start = std::chrono::steady_clock::now();
-  auto greedy = c.GenerateCollected(request);
+  b->mutable_sampling()->set_top_logprobs(3);  // to explain a mismatch, should there be one
+  auto greedy = c.GenerateCollected(request, /*keep_events=*/true);
   const double greedy_seconds = Since(greedy_start);
   if (!greedy.ok()) return Fail(kProgram, "Generate", greedy.status());
   const std::vector<int32_t>& greedy_tokens = (*greedy)[greedy_tree->root_node_id()].tokens;
@@ -149,10 +151,26 @@ int main(int argc, char** argv) {
   std::printf("greedy Generate: %zu tokens, %.2fs, %.1f tokens/s\n", greedy_tokens.size(),
               greedy_seconds, greedy_tokens.size() / std::max(greedy_seconds, 1e-9));
   if (greedy_tokens != out) {
+    // Where they part, and how close greedy's top choices were there (a near-tie flips when the
+    // batched verify pass rounds differently from the one-token decode step).
+    size_t i = 0;
+    while (i < out.size() && i < greedy_tokens.size() && out[i] == greedy_tokens[i]) ++i;
+    std::string alternatives;
+    const std::vector<pb::TokenEvent>& events = (*greedy)[greedy_tree->root_node_id()].events;
+    size_t token_index = 0;
+    for (const pb::TokenEvent& e : events) {
+      if (e.token_id() < 0) continue;
+      if (token_index++ != i) continue;
+      for (const pb::TokenLogprob& alt : e.top_logprobs()) {
+        absl::StrAppend(&alternatives, " ", alt.token_id(), " (logprob ", alt.logprob(), ")");
+      }
+    }
     std::printf(
-        "MISMATCH: the speculative output differs from greedy Generate\n  spec:   %s\n"
-        "  greedy: %s\n",
-        absl::StrJoin(out, ",").c_str(), absl::StrJoin(greedy_tokens, ",").c_str());
+        "MISMATCH: the speculative output differs from greedy Generate at token %zu: speculative "
+        "%d, greedy %d; greedy's top choices there:%s\n  speculative: %s\n  greedy:      %s\n",
+        i, i < out.size() ? out[i] : -1, i < greedy_tokens.size() ? greedy_tokens[i] : -1,
+        alternatives.c_str(), absl::StrJoin(out, ",").c_str(),
+        absl::StrJoin(greedy_tokens, ",").c_str());
     return 1;
   }
   std::printf("output equals greedy Generate: yes\n");
