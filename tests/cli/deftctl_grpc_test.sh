@@ -63,7 +63,26 @@ expect no_tree_id 2 "wrong number of arguments" -- tree show
 expect bad_node 2 "NODE: not an integer: \"abc\"" -- tree prune "$unknown" abc
 expect unknown_sub 2 "unknown tree command 'grow'" -- tree grow
 expect bad_key_file 2 "--api_key_file: cannot read /nonexistent" -- --api_key_file /nonexistent tree list
-out=$("$deftctl" --server 127.0.0.1:1 --timeout 5 tree list 2>&1); rc=$?
-if [[ $rc -eq 1 && $out == *"deftctl: ListTrees: UNAVAILABLE:"* ]]; then echo "ok   unreachable";
-else echo "FAIL unreachable: exit $rc: $out"; fail=1; fi
+expect unreachable 1 "deftctl: ListTrees: UNAVAILABLE:" -- --server 127.0.0.1:1 --timeout 5 tree list
+
+# A second server with TLS and API keys: --tls_ca and --api_key / --api_key_file reach it.
+dir=$(mktemp -d)
+trap 'stop_deft_servers; rm -rf "$dir"' EXIT
+openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost \
+  -addext subjectAltName=DNS:localhost -days 1 -keyout "$dir/key.pem" -out "$dir/cert.pem" \
+  2>/dev/null || { echo "FAIL openssl"; exit 1; }
+secret=cli-test-secret-0123456789
+echo "alice $secret" >"$dir/keys"
+echo "$secret" >"$dir/alice.key"
+start_deft_server "$server_bin" "$model" --tls_cert "$dir/cert.pem" --tls_key "$dir/key.pem" \
+  --api_keys "$dir/keys"
+tls=(--server "localhost:$DEFT_PORT" --tls_ca "$dir/cert.pem")
+expect tls_key_file 0 "" -- "${tls[@]}" --api_key_file "$dir/alice.key" tree create "Hello"
+expect tls_key_flag 0 "nodes" -- "${tls[@]}" --api_key "$secret" tree list
+expect tls_no_key 1 "deftctl: ListTrees: UNAUTHENTICATED: missing authorization metadata" \
+  -- "${tls[@]}" tree list
+expect tls_wrong_key 1 "deftctl: ListTrees: UNAUTHENTICATED: invalid API key" \
+  -- "${tls[@]}" --api_key wrong-secret-0123456789 tree list
+expect plaintext_to_tls 1 "deftctl: ListTrees: UNAVAILABLE:" \
+  -- --server "localhost:$DEFT_PORT" --api_key "$secret" --timeout 5 tree list
 exit $fail
