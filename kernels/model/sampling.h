@@ -1,0 +1,48 @@
+// Next-token selection on the GPU from fp32 logits, one CTA per row, reproducing the CPU
+// Sampler (engine/sampler/sampler.cc) for temperature / top-k / top-p / min-p (no penalties):
+//  - temperature 0: greedy, the lowest id among equal maxima;
+//  - else p_i = expf((logit_i - max) / T) (fp32, as the CPU), total = sum in fp64; candidates in
+//    the order (p desc, id asc); keep the first min(top_k, ...) and the shortest prefix whose sum
+//    reaches top_p * total; min-p keeps those with p >= min_p * p_max; then u = Uniform(seed,
+//    step) * kept picks the first candidate whose running sum exceeds u (else the last).
+// The order is never materialised: each prefix boundary is found by bisection over the key
+// (p's fp32 bits, then id) with block-wide (count, fp64 sum) reductions, ~50 passes over the row
+// per boundary. Same seed + logits give the CPU's token; the two can differ only when a draw or
+// the top-p target lands within a few ulps of a boundary (expf vs glibc's expf, fp64 sums in
+// another order).
+// logprob: log-softmax of the raw logits at the chosen id (the CPU's SampledToken::logprob).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace deft::kernels {
+
+struct SampleRowParams {
+  float temperature = 1.f;  // 0: greedy
+  int32_t top_k = 0;        // 0: off
+  float top_p = 1.f;
+  float min_p = 0.f;
+  uint64_t seed = 0;
+  uint64_t step = 0;  // the Sampler's step counter (which draw of the seed's stream)
+};
+
+struct SampleParams {
+  const float* logits = nullptr;                // [rows, vocab], row stride `vocab`
+  const SampleRowParams* row_params = nullptr;  // [rows], device
+  int32_t* out_tokens = nullptr;                // [rows]
+  float* out_logprobs = nullptr;                // [rows], may be null
+  float* workspace = nullptr;                   // SampleWorkspaceBytes(rows, vocab)
+  int32_t rows = 0;
+  int32_t vocab = 0;
+};
+
+size_t SampleWorkspaceBytes(int32_t rows, int32_t vocab);
+cudaError_t LaunchSample(const SampleParams& p, cudaStream_t stream);
+
+// The CPU Sampler's uniform draw, Sampler::Uniform(seed, step), on host or device.
+double SampleUniformHost(uint64_t seed, uint64_t step);
+
+}  // namespace deft::kernels

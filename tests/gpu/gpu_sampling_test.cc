@@ -1,0 +1,110 @@
+// Device sampling (kernels/model/sampling.h) gives the CPU Sampler's token for the same logits,
+// seed and step, over random logits (with ties), every filter alone and combined; greedy is the
+// first argmax; the reported log-probability is the CPU's.
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "engine/sampler/sampler.h"
+#include "kernels/model/sampling.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace deft::gpu::testing {
+namespace {
+
+TEST(SampleUniformTest, EqualsTheCpuSamplersDraw) {
+  std::mt19937_64 rng(std::random_device{}());
+  for (int i = 0; i < 1000; ++i) {
+    const uint64_t seed = rng(), step = rng() % 10000;
+    ASSERT_EQ(kernels::SampleUniformHost(seed, step), Sampler::Uniform(seed, step));
+  }
+}
+
+struct Case {
+  float temperature;
+  int32_t top_k;
+  float top_p;
+  float min_p;
+};
+
+class DeviceSamplingTest : public ::testing::Test {
+ protected:
+  void SetUp() override { DEFT_SKIP_WITHOUT_GPU(); }
+
+  // Runs `rows` rows of random logits with per-row params; each row r uses cases[r % size], a
+  // fresh seed and step r % 5; compares with the CPU Sampler (advanced to that step).
+  void Check(int32_t vocab, int rows, const std::vector<Case>& cases, bool ties) {
+    std::mt19937_64 rng(std::random_device{}());
+    std::normal_distribution<float> normal(0.f, 3.f);
+    std::vector<float> logits(size_t(rows) * vocab);
+    for (auto& v : logits) v = ties ? std::round(normal(rng) * 2.f) / 2.f : normal(rng);
+    std::vector<kernels::SampleRowParams> params(rows);
+    for (int r = 0; r < rows; ++r) {
+      const Case& c = cases[r % cases.size()];
+      params[r] = {c.temperature, c.top_k, c.top_p, c.min_p, rng(), uint64_t(r % 5)};
+    }
+    DeviceBuffer d_logits = Upload(logits), d_params = Upload(params);
+    DeviceBuffer d_tokens = Poisoned(rows * 4), d_lp = Poisoned(rows * 4);
+    DeviceBuffer d_ws;
+    ASSERT_TRUE(d_ws.Reserve(kernels::SampleWorkspaceBytes(rows, vocab)).ok());
+    kernels::SampleParams p{d_logits.as<float>(),
+                            d_params.as<kernels::SampleRowParams>(),
+                            d_tokens.as<int32_t>(),
+                            d_lp.as<float>(),
+                            d_ws.as<float>(),
+                            rows,
+                            vocab};
+    DEFT_CUDA_OK(kernels::LaunchSample(p, nullptr));
+    const auto tokens = Download<int32_t>(d_tokens, rows);
+    const auto lps = Download<float>(d_lp, rows);
+    int disagreements = 0;
+    for (int r = 0; r < rows; ++r) {
+      SamplingParams sp;
+      sp.temperature = params[r].temperature;
+      sp.top_k = params[r].top_k;
+      sp.top_p = params[r].top_p;
+      sp.min_p = params[r].min_p;
+      sp.seed = params[r].seed;
+      Sampler cpu(sp, {});
+      std::span<const float> row(&logits[size_t(r) * vocab], vocab);
+      for (uint64_t s = 0; s < params[r].step; ++s) cpu.Sample(row);
+      const SampledToken want = cpu.Sample(row);
+      if (tokens[r] != want.id) {
+        ++disagreements;
+        ADD_FAILURE() << "row " << r << " (T=" << sp.temperature << " k=" << sp.top_k
+                      << " p=" << sp.top_p << " min_p=" << sp.min_p << " step " << params[r].step
+                      << "): device " << tokens[r] << ", cpu " << want.id;
+        continue;
+      }
+      EXPECT_NEAR(lps[r], want.logprob, 1e-4f) << "row " << r;
+    }
+    EXPECT_EQ(disagreements, 0);
+  }
+};
+
+const std::vector<Case> kCases = {
+    {0.f, 0, 1.f, 0.f},        // greedy
+    {1.f, 0, 1.f, 0.f},        // the full distribution
+    {0.7f, 40, 1.f, 0.f},      // top-k
+    {1.f, 0, 0.9f, 0.f},       // top-p
+    {1.3f, 0, 1.f, 0.05f},     // min-p
+    {0.8f, 50, 0.95f, 0.02f},  // all three
+    {2.f, 1, 1.f, 0.f},        // top-k 1 is greedy over the tempered logits
+    {1.f, 0, 0.3f, 0.f},       // a short top-p prefix
+};
+
+TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerSmallVocab) { Check(5000, 64, kCases, false); }
+
+TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerWithTiedLogits) { Check(3000, 64, kCases, true); }
+
+TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerLlama3Vocab) { Check(128256, 24, kCases, false); }
+
+TEST_F(DeviceSamplingTest, RejectsMissingBuffers) {
+  kernels::SampleParams p;
+  p.rows = 1;
+  p.vocab = 10;
+  EXPECT_EQ(kernels::LaunchSample(p, nullptr), cudaErrorInvalidValue);
+}
+
+}  // namespace
+}  // namespace deft::gpu::testing
