@@ -21,6 +21,58 @@ namespace {
 
 bool MulOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_mul_overflow(a, b, out); }
 
+// The default storage: host fp32 in KvBlockPool's documented layout.
+class HostKvStorage : public KvStorage {
+ public:
+  HostKvStorage(const KvPoolShape& shape, int64_t num_blocks)
+      : shape_(shape), num_blocks_(num_blocks) {}
+  // RESOURCE_EXHAUSTED when `floats` cannot be allocated.
+  absl::Status Allocate(int64_t floats) {
+    try {
+      data_.assign(static_cast<size_t>(floats), 0.f);
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError(absl::StrCat("cannot allocate KV pool of ", num_blocks_,
+                                                       " blocks (", floats * 4, " bytes)"));
+    } catch (const std::length_error&) {
+      return absl::ResourceExhaustedError(absl::StrCat("cannot allocate KV pool of ", num_blocks_,
+                                                       " blocks (", floats * 4, " bytes)"));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status CopyBlock(int32_t src, int32_t dst) override {
+    // One layer's K and V of a block are contiguous: [kv][slot][kv_head][head_dim].
+    const int64_t block_floats = 2 * int64_t{shape_.block_tokens} * kv_dim();
+    for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
+      std::memcpy(Block(layer, dst), Block(layer, src), block_floats * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status CopySlots(std::span<const int32_t> src, std::span<const int32_t> dst) override {
+    const int64_t bt = shape_.block_tokens;
+    for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
+      for (size_t i = 0; i < src.size(); ++i) {
+        for (int kv = 0; kv < 2; ++kv) {
+          float* from = Block(layer, src[i] / bt) + (kv * bt + src[i] % bt) * kv_dim();
+          float* to = Block(layer, dst[i] / bt) + (kv * bt + dst[i] % bt) * kv_dim();
+          std::memcpy(to, from, kv_dim() * sizeof(float));
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+  float* host_data() override { return data_.data(); }
+  int64_t bytes_per_token() const override { return shape_.bytes_per_token(); }
+
+ private:
+  int64_t kv_dim() const { return shape_.num_kv_heads * shape_.head_dim; }
+  float* Block(int64_t layer, int64_t block) {
+    return data_.data() + (layer * num_blocks_ + block) * 2 * shape_.block_tokens * kv_dim();
+  }
+  KvPoolShape shape_;
+  int64_t num_blocks_;
+  std::vector<float> data_;
+};
+
 }  // namespace
 
 KvBlockPool::KvBlockPool(const KvPoolShape& shape, int64_t num_blocks)
@@ -28,6 +80,12 @@ KvBlockPool::KvBlockPool(const KvPoolShape& shape, int64_t num_blocks)
 
 absl::StatusOr<std::unique_ptr<KvBlockPool>> KvBlockPool::Create(const KvPoolShape& shape,
                                                                  int64_t num_blocks) {
+  return Create(shape, num_blocks, KvStorageFactory());
+}
+
+absl::StatusOr<std::unique_ptr<KvBlockPool>> KvBlockPool::Create(const KvPoolShape& shape,
+                                                                 int64_t num_blocks,
+                                                                 const KvStorageFactory& storage) {
   if (shape.num_layers <= 0 || shape.num_kv_heads <= 0 || shape.head_dim <= 0 ||
       shape.block_tokens <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -54,16 +112,21 @@ absl::StatusOr<std::unique_ptr<KvBlockPool>> KvBlockPool::Create(const KvPoolSha
   }
   floats /= 4;
   std::unique_ptr<KvBlockPool> pool(new KvBlockPool(shape, num_blocks));
+  if (storage) {
+    auto made = storage(shape, num_blocks);
+    if (!made.ok()) return made.status();
+    pool->storage_ = std::move(*made);
+  } else {
+    auto host = std::make_unique<HostKvStorage>(shape, num_blocks);
+    if (absl::Status s = host->Allocate(floats); !s.ok()) return s;
+    pool->storage_ = std::move(host);
+  }
   try {
-    pool->storage_.assign(static_cast<size_t>(floats), 0.f);
     pool->refcount_.assign(num_blocks, 0);
     pool->free_list_.reserve(num_blocks);
   } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate KV pool of ", num_blocks,
-                                                     " blocks (", floats * 4, " bytes)"));
-  } catch (const std::length_error&) {
-    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate KV pool of ", num_blocks,
-                                                     " blocks (", floats * 4, " bytes)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate the free list of a KV pool of ", num_blocks, " blocks"));
   }
   // LIFO free list, block 0 on top: a fresh pool hands out 0, 1, 2, ...
   for (int64_t b = num_blocks - 1; b >= 0; --b) pool->free_list_.push_back(static_cast<int32_t>(b));
@@ -159,16 +222,23 @@ absl::StatusOr<int32_t> KvBlockPool::MakeWritable(int32_t block) {
     if (free_list_.empty()) return ExhaustedError();
     copy = AllocateLocked();
   }
-  // One layer's K and V of a block are contiguous: [kv][slot][kv_head][head_dim].
-  const int64_t block_floats = 2 * int64_t{shape_.block_tokens} * kv_dim();
-  const int64_t first_slot = int64_t{block} * shape_.block_tokens;
-  const int64_t copy_slot = int64_t{copy} * shape_.block_tokens;
-  for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
-    std::memcpy(At(layer, copy_slot, 0), At(layer, first_slot, 0), block_floats * sizeof(float));
+  if (absl::Status s = storage_->CopyBlock(block, copy); !s.ok()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ReleaseLocked(copy);
+    return s;
   }
   std::lock_guard<std::mutex> lock(mu_);
   ReleaseLocked(block);
   return copy;
+}
+
+absl::Status KvBlockPool::CopySlots(std::span<const int32_t> src, std::span<const int32_t> dst) {
+  if (src.size() != dst.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CopySlots: ", src.size(), " sources but ", dst.size(), " destinations"));
+  }
+  if (src.empty()) return absl::OkStatus();
+  return storage_->CopySlots(src, dst);
 }
 
 int64_t KvBlockPool::free_blocks() const {

@@ -1,7 +1,9 @@
 // A paged pool of fixed-size KV blocks shared by every tree, with reference counts.
 //
-// Layout (fp32, layer-major so that one layer's pool is one contiguous array):
+// The data lives in a KvStorage (kv_storage.h): by default host fp32, layer-major so that one
+// layer's pool is one contiguous array:
 //   storage[layer][block][kv][slot][kv_head][head_dim], kv 0 = K, 1 = V.
+// A backend may supply its own storage (the GPU's is device memory); k()/v() then do not apply.
 // A "slot" names one token's place in the pool: slot = block * block_tokens + offset.
 //
 // Blocks are allocated with refcount 1; AddRef/Release share and free them. A block returns to
@@ -16,9 +18,11 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/kv/kv_storage.h"
 
 namespace deft {
 
@@ -38,6 +42,10 @@ class KvBlockPool {
   // over-large pool fails now rather than at first touch.
   static absl::StatusOr<std::unique_ptr<KvBlockPool>> Create(const KvPoolShape& shape,
                                                              int64_t num_blocks);
+  // Same checks, with the storage made by `storage` (host fp32 when it is empty).
+  static absl::StatusOr<std::unique_ptr<KvBlockPool>> Create(const KvPoolShape& shape,
+                                                             int64_t num_blocks,
+                                                             const KvStorageFactory& storage);
   // Blocks that fit in `bytes` (at least 1 when bytes > 0), capped at the most blocks Create
   // accepts for this block size; 0 when bytes <= 0 or the shape is not positive.
   static int64_t BlocksForBytes(const KvPoolShape& shape, int64_t bytes);
@@ -72,7 +80,13 @@ class KvBlockPool {
   // Blocks referenced more than once (shared between nodes or trees).
   int64_t shared_blocks() const;
 
-  // K or V of one token: [kv_heads * head_dim] floats.
+  // Copies every layer's K and V of slot src[i] into slot dst[i], wherever the data lives
+  // (REQUIRES: the caller owns the dst slots; sizes equal). Errors come from the storage.
+  absl::Status CopySlots(std::span<const int32_t> src, std::span<const int32_t> dst);
+  KvStorage& storage() const { return *storage_; }
+
+  // K or V of one token: [kv_heads * head_dim] floats. REQUIRES: host storage
+  // (storage().host_data() != nullptr).
   float* k(int64_t layer, int64_t slot) { return At(layer, slot, 0); }
   float* v(int64_t layer, int64_t slot) { return At(layer, slot, 1); }
   const float* k(int64_t layer, int64_t slot) const { return At(layer, slot, 0); }
@@ -81,7 +95,7 @@ class KvBlockPool {
  private:
   KvPoolShape shape_;
   int64_t num_blocks_ = 0;
-  std::vector<float> storage_;
+  std::unique_ptr<KvStorage> storage_;
   mutable std::mutex mu_;
   std::vector<int32_t> refcount_;
   std::vector<int32_t> free_list_;
@@ -94,8 +108,7 @@ class KvBlockPool {
 
   float* At(int64_t layer, int64_t slot, int kv) const {
     const int64_t bt = shape_.block_tokens, block = slot / bt, off = slot % bt;
-    return const_cast<float*>(storage_.data()) +
-           (((layer * num_blocks_ + block) * 2 + kv) * bt + off) * kv_dim();
+    return storage_->host_data() + (((layer * num_blocks_ + block) * 2 + kv) * bt + off) * kv_dim();
   }
 };
 

@@ -31,4 +31,13 @@ std::vector<float> Llama3RopeFreqFactors(int64_t rope_dim, float theta, float fa
   return factors;
 }
 
+std::vector<double> RopeInverseFrequencies(const LlamaConfig& c) {
+  std::vector<double> inv(static_cast<size_t>(c.rope_dim / 2));
+  for (int64_t i = 0; i < c.rope_dim / 2; ++i) {
+    inv[i] = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.rope_dim);
+    if (!c.rope_freq_factors.empty()) inv[i] /= c.rope_freq_factors[i];
+  }
+  return inv;
+}
+
 }  // namespace deft

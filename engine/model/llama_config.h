@@ -37,4 +37,8 @@ std::vector<float> Llama3RopeFreqFactors(int64_t rope_dim, float theta, float fa
                                          float low_freq_factor, float high_freq_factor,
                                          int64_t original_context);
 
+// RoPE inverse frequencies per pair index i < rope_dim / 2: theta^(-2i / rope_dim) divided by
+// rope_freq_factors[i] when present (fp64; every backend rotates with these).
+std::vector<double> RopeInverseFrequencies(const LlamaConfig& config);
+
 }  // namespace deft

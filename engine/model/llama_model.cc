@@ -21,16 +21,6 @@ void RmsNorm(const float* x, const float* weight, float* out, int64_t n, float e
   for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * scale);
 }
 
-// Rotary frequencies per pair index: inv_freq[i] = theta^(-2i/rope_dim) / freq_factor[i].
-std::vector<double> InverseFrequencies(const LlamaConfig& c) {
-  std::vector<double> inv(static_cast<size_t>(c.rope_dim / 2));
-  for (int64_t i = 0; i < c.rope_dim / 2; ++i) {
-    inv[i] = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.rope_dim);
-    if (!c.rope_freq_factors.empty()) inv[i] /= c.rope_freq_factors[i];
-  }
-  return inv;
-}
-
 // Rotates the first rope_dim dims of each of `heads` vectors of head_dim at `pos`.
 void ApplyRope(float* x, int64_t heads, const LlamaConfig& c, const std::vector<double>& inv_freq,
                int64_t pos) {
@@ -86,7 +76,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(std::unique_ptr<L
   std::unique_ptr<LlamaModel> m(new LlamaModel());
   m->model_ = std::move(model);
   m->pool_ = std::make_unique<ThreadPool>(options.num_threads);
-  m->inv_freq_ = InverseFrequencies(m->model_->config);
+  m->inv_freq_ = RopeInverseFrequencies(m->model_->config);
   return m;
 }
 
@@ -194,6 +184,10 @@ absl::Status LlamaModel::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
       return absl::InvalidArgumentError(absl::StrFormat("logit row %d of %d tokens", r, n));
     }
   }
+  if (backend_ != nullptr) return backend_->ForwardStep(step, kv_pool, plan, logits);
+  if (kv_pool.storage().host_data() == nullptr) {
+    return absl::FailedPreconditionError("the KV pool's storage is not in host memory");
+  }
   const int64_t kv_dim = c.num_kv_heads * c.head_dim;
   const AttentionShape attn{c.num_heads, c.num_kv_heads, c.head_dim};
   KvAccess kv;
@@ -207,6 +201,19 @@ absl::Status LlamaModel::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
   };
   RunTokens(step.tokens, step.positions, kv, step.logit_rows, logits);
   return absl::OkStatus();
+}
+
+void LlamaModel::SetStepBackend(std::unique_ptr<StepBackend> backend) {
+  backend_ = std::move(backend);
+}
+
+absl::StatusOr<std::unique_ptr<KvBlockPool>> LlamaModel::NewKvPool(const KvPoolShape& shape,
+                                                                   int64_t requested_bytes) {
+  if (backend_ == nullptr) {
+    return KvBlockPool::Create(shape, KvBlockPool::BlocksForBytes(shape, requested_bytes));
+  }
+  return KvBlockPool::Create(shape, backend_->KvPoolBlocks(shape, requested_bytes),
+                             backend_->kv_storage());
 }
 
 void LlamaModel::RunTokens(std::span<const int32_t> tokens, std::span<const int64_t> positions,

@@ -19,6 +19,7 @@
 #include "engine/attention/partition_plan.h"
 #include "engine/kv/kv_block_pool.h"
 #include "engine/model/model_loader.h"
+#include "engine/model/step_backend.h"
 
 namespace deft {
 
@@ -65,14 +66,21 @@ class LlamaModel {
   // token whose K/V the pool holds already, recomputed for its logits), then attention
   // follows `plan` (query t = token t; the plan must include the slots written by this step).
   // logits: [logit_rows.size(), vocab], one row per listed token index.
-  struct StepInput {
-    std::span<const int32_t> tokens;
-    std::span<const int64_t> positions;
-    std::span<const int32_t> kv_slots;
-    std::span<const int32_t> logit_rows;
-  };
+  // Runs on the step backend when one is set (SetStepBackend), else on the CPU; `kv_pool` must
+  // come from NewKvPool (FAILED_PRECONDITION when its storage is not the backend's).
+  using StepInput = ::deft::StepInput;
   absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool, const PartitionPlan& plan,
                            std::vector<float>* logits);
+
+  // Runs ForwardStep on `backend` from now on (nullptr: back to the CPU). Pools made before
+  // belong to the old backend. REQUIRES: no step in flight.
+  void SetStepBackend(std::unique_ptr<StepBackend> backend);
+  StepBackend* step_backend() const { return backend_.get(); }
+  // A KV pool for ForwardStep with the storage of the current backend: host fp32 of
+  // `requested_bytes` on the CPU; the backend's own sizing otherwise (the GPU's: a fraction of
+  // free device memory). Errors as KvBlockPool::Create.
+  absl::StatusOr<std::unique_ptr<KvBlockPool>> NewKvPool(const KvPoolShape& shape,
+                                                         int64_t requested_bytes);
 
   KvCache NewCache(int64_t capacity) const { return KvCache(model_->config, capacity); }
   const LlamaConfig& config() const { return model_->config; }
@@ -95,7 +103,8 @@ class LlamaModel {
 
   std::unique_ptr<LoadedModel> model_;
   std::unique_ptr<ThreadPool> pool_;
-  std::vector<double> inv_freq_;  // RoPE inverse frequencies, from the config
+  std::unique_ptr<StepBackend> backend_;  // null: the CPU code below
+  std::vector<double> inv_freq_;          // RoPE inverse frequencies, from the config
 };
 
 }  // namespace deft

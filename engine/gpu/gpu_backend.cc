@@ -1,0 +1,294 @@
+#include "engine/gpu/gpu_backend.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "engine/gpu/device_kv_storage.h"
+#include "kernels/model/layer_kernels.h"
+
+namespace deft::gpu {
+namespace {
+
+using kernels::Dtype;
+
+constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
+
+size_t Align(size_t n) { return (n + 255) / 256 * 256; }
+
+#define DEFT_RETURN_IF_ERROR(expr)                     \
+  do {                                                 \
+    if (absl::Status _s = (expr); !_s.ok()) return _s; \
+  } while (0)
+
+}  // namespace
+
+GpuBackend::GpuBackend(const LlamaConfig& config, const GpuBackendOptions& options)
+    : config_(config), options_(options), dtype_(options.dtype) {}
+
+GpuBackend::~GpuBackend() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  if (uploaded_ != nullptr) cudaEventDestroy(uploaded_);
+  if (host_inputs_ != nullptr) cudaFreeHost(host_inputs_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+absl::Status GpuBackend::Init() {
+  const LlamaConfig& c = config_;
+  if (!CudaDevicePresent()) return absl::FailedPreconditionError("no CUDA device");
+  if ((c.head_dim != 64 && c.head_dim != 128) || c.num_kv_heads <= 0 ||
+      c.num_heads % c.num_kv_heads != 0 || c.num_heads / c.num_kv_heads > 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the GPU kernels support head_dim 64 or 128 and 1..8 query heads per KV head; the model "
+        "has head_dim ",
+        c.head_dim, ", ", c.num_heads, " heads, ", c.num_kv_heads, " KV heads"));
+  }
+  if (c.rope_dim <= 0 || c.rope_dim > c.head_dim || c.rope_dim % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("unsupported rope_dim ", c.rope_dim));
+  }
+  DEFT_RETURN_IF_ERROR(
+      CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream"));
+  DEFT_RETURN_IF_ERROR(
+      CudaStatus(cudaEventCreateWithFlags(&uploaded_, cudaEventDisableTiming), "event"));
+  DEFT_RETURN_IF_ERROR(
+      CudaStatus(kernels::GemmRunner::Create(kGemmWorkspaceBytes, &gemm_), "cuBLASLt"));
+  const std::vector<double> inv = RopeInverseFrequencies(c);
+  DEFT_RETURN_IF_ERROR(inv_freq_.Reserve(inv.size() * sizeof(double)));
+  return CudaStatus(
+      cudaMemcpy(inv_freq_.get(), inv.data(), inv.size() * sizeof(double), cudaMemcpyHostToDevice),
+      "RoPE table");
+}
+
+absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::Create(const LlamaConfig& config,
+                                                               const LlamaWeights& weights,
+                                                               const GpuBackendOptions& options) {
+  std::unique_ptr<GpuBackend> b(new GpuBackend(config, options));
+  DEFT_RETURN_IF_ERROR(b->Init());
+  auto w = DeviceWeights::Upload(config, weights, options.dtype, b->stream_);
+  if (!w.ok()) return w.status();
+  b->weights_ = std::move(*w);
+  return b;
+}
+
+absl::StatusOr<std::unique_ptr<GpuBackend>> GpuBackend::CreateSynthetic(
+    const SyntheticModelSpec& spec, const GpuBackendOptions& options) {
+  GpuBackendOptions o = options;
+  o.dtype = spec.dtype == GgmlType::kF16 ? Dtype::kFloat16 : Dtype::kBFloat16;
+  std::unique_ptr<GpuBackend> b(new GpuBackend(spec.config, o));
+  DEFT_RETURN_IF_ERROR(b->Init());
+  auto w = DeviceWeights::Synthetic(spec, b->stream_);
+  if (!w.ok()) return w.status();
+  b->weights_ = std::move(*w);
+  return b;
+}
+
+KvStorageFactory GpuBackend::kv_storage() {
+  return [this](const KvPoolShape& shape,
+                int64_t num_blocks) -> absl::StatusOr<std::unique_ptr<KvStorage>> {
+    auto s = DeviceKvStorage::Create(shape, num_blocks, dtype_, stream_);
+    if (!s.ok()) return s.status();
+    return std::unique_ptr<KvStorage>(std::move(*s));
+  };
+}
+
+int64_t GpuBackend::KvPoolBlocks(const KvPoolShape& shape, int64_t /*requested_bytes*/) {
+  size_t free_bytes = 0, total = 0;
+  if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0;
+  const int64_t budget = static_cast<int64_t>(options_.kv_memory_fraction * free_bytes);
+  const int64_t blocks = budget / DeviceKvStorage::BlockBytes(shape, dtype_);
+  return std::min<int64_t>(blocks, KvBlockPool::kMaxSlots / shape.block_tokens);
+}
+
+absl::Status GpuBackend::Reserve(int64_t n, int64_t rows) {
+  const LlamaConfig& c = config_;
+  const size_t e = kernels::DtypeBytes(dtype_);
+  const int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  DEFT_RETURN_IF_ERROR(x_.Reserve(n * c.hidden * 4));
+  DEFT_RETURN_IF_ERROR(xn_.Reserve(std::max(n, rows) * c.hidden * e));
+  DEFT_RETURN_IF_ERROR(qkv_.Reserve(n * (q + 2 * kv) * e));
+  DEFT_RETURN_IF_ERROR(q_.Reserve(n * q * e));
+  DEFT_RETURN_IF_ERROR(attn_.Reserve(n * q * e));
+  DEFT_RETURN_IF_ERROR(gate_up_.Reserve(n * 2 * c.ffn_hidden * e));
+  DEFT_RETURN_IF_ERROR(ffn_.Reserve(n * c.ffn_hidden * e));
+  return logits_.Reserve(std::max<int64_t>(rows, 1) * c.vocab_size * 4);
+}
+
+absl::Status GpuBackend::UploadStep(const StepInput& step) {
+  const size_t n = step.tokens.size(), r = step.logit_rows.size();
+  const size_t off_pos = Align(n * 4), off_slots = off_pos + Align(n * 8);
+  const size_t off_rows = off_slots + Align(n * 4),
+               bytes = off_rows + Align(std::max<size_t>(r, 1) * 4);
+  if (upload_pending_) {  // the previous copy may still read the staging buffer
+    DEFT_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(uploaded_), "step upload"));
+    upload_pending_ = false;
+  }
+  if (bytes > host_inputs_bytes_) {
+    if (host_inputs_ != nullptr) cudaFreeHost(host_inputs_);
+    host_inputs_ = nullptr;
+    host_inputs_bytes_ = 0;
+    DEFT_RETURN_IF_ERROR(CudaStatus(cudaMallocHost(&host_inputs_, bytes * 2), "pinned staging"));
+    host_inputs_bytes_ = bytes * 2;
+  }
+  DEFT_RETURN_IF_ERROR(inputs_.Reserve(host_inputs_bytes_));
+  auto* h = static_cast<uint8_t*>(host_inputs_);
+  std::memcpy(h, step.tokens.data(), n * 4);
+  std::memcpy(h + off_pos, step.positions.data(), n * 8);
+  std::memcpy(h + off_slots, step.kv_slots.data(), n * 4);
+  if (r > 0) std::memcpy(h + off_rows, step.logit_rows.data(), r * 4);
+  auto* d = inputs_.as<uint8_t>();
+  d_tokens_ = reinterpret_cast<const int32_t*>(d);
+  d_positions_ = reinterpret_cast<const int64_t*>(d + off_pos);
+  d_slots_ = reinterpret_cast<const int32_t*>(d + off_slots);
+  d_rows_ = reinterpret_cast<const int32_t*>(d + off_rows);
+  DEFT_RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, stream_), "step upload"));
+  DEFT_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(uploaded_, stream_), "step upload"));
+  upload_pending_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status GpuBackend::Gemm(const void* w, const void* x, void* y, int64_t m, int64_t n,
+                              int64_t k, Dtype out, bool accumulate) {
+  kernels::GemmParams p{m, n, k, w, x, y, dtype_, out, accumulate};
+  const cudaError_t e = gemm_->Run(p, stream_);
+  if (e == cudaErrorNotSupported) {
+    return absl::InternalError(absl::StrCat("GEMM ", m, "x", n, "x", k, ": ", gemm_->last_error()));
+  }
+  return CudaStatus(e, absl::StrCat("GEMM ", m, "x", n, "x", k));
+}
+
+absl::Status GpuBackend::ForwardStepOnDevice(const StepInput& step, KvBlockPool& kv_pool,
+                                             const PartitionPlan& plan) {
+  auto* kv = dynamic_cast<DeviceKvStorage*>(&kv_pool.storage());
+  if (kv == nullptr || kv->dtype() != dtype_) {
+    return absl::FailedPreconditionError("the KV pool's storage is not this GPU backend's");
+  }
+  const LlamaConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(step.tokens.size());
+  const int64_t rows = static_cast<int64_t>(step.logit_rows.size());
+  if (n > 65535) return absl::InvalidArgumentError("a GPU step holds at most 65535 tokens");
+  const int64_t H = c.hidden, q_dim = c.num_heads * c.head_dim,
+                kv_dim = c.num_kv_heads * c.head_dim;
+  const int64_t qkv_dim = q_dim + 2 * kv_dim, F = c.ffn_hidden;
+  const size_t e = kernels::DtypeBytes(dtype_);
+  DEFT_RETURN_IF_ERROR(Reserve(n, rows));
+  DEFT_RETURN_IF_ERROR(UploadStep(step));
+  const GpuAttentionLayer attn_shape{
+      dtype_ == Dtype::kFloat16 ? kernels::KvDtype::kFloat16 : kernels::KvDtype::kBFloat16,
+      static_cast<int32_t>(c.num_heads), static_cast<int32_t>(c.num_kv_heads),
+      static_cast<int32_t>(c.head_dim)};
+  DEFT_RETURN_IF_ERROR(attention_.Upload(plan, attn_shape.num_heads, attn_shape.num_kv_heads,
+                                         attn_shape.head_dim, stream_));
+
+  const int32_t n32 = static_cast<int32_t>(n);
+  DEFT_RETURN_IF_ERROR(CudaStatus(
+      kernels::LaunchEmbedding(
+          {weights_->token_embd(), dtype_, d_tokens_, x_.as<float>(), n32, static_cast<int32_t>(H)},
+          stream_),
+      "embedding"));
+  auto norm = [&](const float* weight, const int32_t* gather, int32_t count) {
+    kernels::RmsNormParams p{x_.as<float>(),          gather,   weight, xn_.get(), dtype_, count,
+                             static_cast<int32_t>(H), c.rms_eps};
+    return CudaStatus(kernels::LaunchRmsNorm(p, stream_), "rms norm");
+  };
+  auto rope = [&](const void* in, void* out, int64_t out_stride, int64_t heads) {
+    kernels::RopeParams p{in,
+                          out,
+                          qkv_dim,
+                          out_stride,
+                          dtype_,
+                          n32,
+                          static_cast<int32_t>(heads),
+                          static_cast<int32_t>(c.head_dim),
+                          static_cast<int32_t>(c.rope_dim),
+                          c.rope_neox,
+                          d_positions_,
+                          inv_freq_.as<double>(),
+                          static_cast<double>(c.rope_linear_scale)};
+    return CudaStatus(kernels::LaunchRope(p, stream_), "rope");
+  };
+  uint8_t* qkv = qkv_.as<uint8_t>();
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const DeviceLayerWeights& L = weights_->layer(l);
+    DEFT_RETURN_IF_ERROR(norm(L.attn_norm, nullptr, n32));
+    DEFT_RETURN_IF_ERROR(Gemm(L.wqkv, xn_.get(), qkv, n, qkv_dim, H, dtype_, false));
+    DEFT_RETURN_IF_ERROR(rope(qkv, q_.get(), q_dim, c.num_heads));
+    DEFT_RETURN_IF_ERROR(rope(qkv + q_dim * e, qkv + q_dim * e, qkv_dim, c.num_kv_heads));
+    kernels::KvAppendParams append{qkv + q_dim * e,
+                                   qkv + (q_dim + kv_dim) * e,
+                                   qkv_dim,
+                                   kv->k(l),
+                                   kv->v(l),
+                                   dtype_,
+                                   d_slots_,
+                                   n32,
+                                   static_cast<int32_t>(kv_dim)};
+    DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchKvAppend(append, stream_), "KV append"));
+    GpuAttentionLayer a = attn_shape;
+    a.q = q_.get();
+    a.out = attn_.get();
+    a.k = kv->k(l);
+    a.v = kv->v(l);
+    a.kv_slot_stride = kv->slot_stride();
+    DEFT_RETURN_IF_ERROR(attention_.Run(a, stream_));
+    DEFT_RETURN_IF_ERROR(Gemm(L.wo, attn_.get(), x_.get(), n, H, q_dim, Dtype::kFloat32, true));
+    DEFT_RETURN_IF_ERROR(norm(L.ffn_norm, nullptr, n32));
+    DEFT_RETURN_IF_ERROR(Gemm(L.w_gate_up, xn_.get(), gate_up_.get(), n, 2 * F, H, dtype_, false));
+    kernels::SwigluParams sw{gate_up_.get(), ffn_.get(), dtype_, n32, static_cast<int32_t>(F)};
+    DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchSwiglu(sw, stream_), "swiglu"));
+    DEFT_RETURN_IF_ERROR(Gemm(L.w_down, ffn_.get(), x_.get(), n, H, F, Dtype::kFloat32, true));
+  }
+  step_rows_ = rows;
+  if (rows == 0) return absl::OkStatus();
+  DEFT_RETURN_IF_ERROR(norm(weights_->output_norm(), d_rows_, static_cast<int32_t>(rows)));
+  return Gemm(weights_->output(), xn_.get(), logits_.get(), rows, c.vocab_size, H, Dtype::kFloat32,
+              false);
+}
+
+absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool,
+                                     const PartitionPlan& plan, std::vector<float>* logits) {
+  DEFT_RETURN_IF_ERROR(ForwardStepOnDevice(step, kv_pool, plan));
+  logits->resize(static_cast<size_t>(step_rows_ * config_.vocab_size));
+  if (step_rows_ > 0) {
+    DEFT_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(logits->data(), logits_.get(), logits->size() * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream_),
+                   "logits download"));
+  }
+  return CudaStatus(cudaStreamSynchronize(stream_), "GPU step");
+}
+
+absl::StatusOr<std::vector<int32_t>> GpuBackend::SampleOnDevice(
+    const std::vector<kernels::SampleRowParams>& rows) {
+  if (static_cast<int64_t>(rows.size()) != step_rows_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(rows.size(), " sampling rows for ", step_rows_, " logit rows"));
+  }
+  std::vector<int32_t> tokens(rows.size());
+  if (rows.empty()) return tokens;
+  const int32_t vocab = static_cast<int32_t>(config_.vocab_size);
+  const int32_t n = static_cast<int32_t>(rows.size());
+  DEFT_RETURN_IF_ERROR(sample_params_.Reserve(rows.size() * sizeof(kernels::SampleRowParams)));
+  DEFT_RETURN_IF_ERROR(sample_tokens_.Reserve(rows.size() * 4));
+  DEFT_RETURN_IF_ERROR(sample_workspace_.Reserve(kernels::SampleWorkspaceBytes(n, vocab)));
+  DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(sample_params_.get(), rows.data(),
+                                                  rows.size() * sizeof(kernels::SampleRowParams),
+                                                  cudaMemcpyHostToDevice, stream_),
+                                  "sampling parameters"));
+  kernels::SampleParams p{logits_.as<float>(),
+                          sample_params_.as<kernels::SampleRowParams>(),
+                          sample_tokens_.as<int32_t>(),
+                          nullptr,
+                          sample_workspace_.as<float>(),
+                          n,
+                          vocab};
+  DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchSample(p, stream_), "sampling"));
+  DEFT_RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpyAsync(tokens.data(), sample_tokens_.get(), tokens.size() * 4,
+                                 cudaMemcpyDeviceToHost, stream_),
+                 "sampled tokens"));
+  DEFT_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "sampling"));
+  return tokens;
+}
+
+}  // namespace deft::gpu

@@ -1,0 +1,106 @@
+// The CUDA step backend (StepBackend, engine/model/step_backend.h): runs LlamaModel::ForwardStep
+// on one GPU with the model kernels (kernels/model), cuBLASLt GEMMs and DeFT tree attention
+// (kernels/attention) over a device KV pool (device_kv_storage.h).
+//
+// A step: the step's token ids, positions, KV slots and logit rows go up in one packed
+// cudaMemcpyAsync and the plan in another (GpuTreeAttention::Upload); then per layer RMSNorm ->
+// fused QKV GEMM -> RoPE (q to its own buffer, k in place) -> KV append -> tree attention ->
+// O GEMM added onto the fp32 residual -> RMSNorm -> fused gate/up GEMM -> SwiGLU -> down GEMM
+// added onto the residual; the output head runs on the logit rows only. ForwardStep copies the
+// logits to the host; ForwardStepOnDevice leaves them on the device for SampleOnDevice.
+//
+// Precision: weights, activations between kernels and the KV pool in `dtype` (bf16 by default),
+// residual stream and logits fp32, every GEMM accumulates in fp32.
+//
+// Thread safety: one step at a time (as StepBackend); the backend owns its CUDA stream.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/gpu/cuda_util.h"
+#include "engine/gpu/device_weights.h"
+#include "engine/gpu/gpu_tree_attention.h"
+#include "engine/model/llama_config.h"
+#include "engine/model/step_backend.h"
+#include "engine/model/synthetic_model.h"
+#include "kernels/model/gemm.h"
+#include "kernels/model/sampling.h"
+
+namespace deft::gpu {
+
+struct GpuBackendOptions {
+  kernels::Dtype dtype = kernels::Dtype::kBFloat16;  // weights/activations/KV (loaded models)
+  // Fraction of the device memory free when the pool is made that the KV pool takes.
+  double kv_memory_fraction = 0.85;
+};
+
+class GpuBackend : public StepBackend {
+ public:
+  // The weights of a loaded model, dequantized on the device. FAILED_PRECONDITION without a
+  // device; INVALID_ARGUMENT for a shape the kernels do not support (head_dim 64 or 128, 1..8
+  // query heads per KV head) or a weight type the device cannot read.
+  static absl::StatusOr<std::unique_ptr<GpuBackend>> Create(const LlamaConfig& config,
+                                                            const LlamaWeights& weights,
+                                                            const GpuBackendOptions& options);
+  // Synthetic weights generated on the device (the dtype is the spec's).
+  static absl::StatusOr<std::unique_ptr<GpuBackend>> CreateSynthetic(
+      const SyntheticModelSpec& spec, const GpuBackendOptions& options);
+  ~GpuBackend() override;
+
+  std::string_view name() const override { return "cuda"; }
+  KvStorageFactory kv_storage() override;
+  int64_t KvPoolBlocks(const KvPoolShape& shape, int64_t requested_bytes) override;
+  absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool, const PartitionPlan& plan,
+                           std::vector<float>* logits) override;
+
+  // The step without the logits' copy: they stay in device_logits() [logit rows, vocab] until
+  // the next step. Queued on stream() (not synchronized).
+  absl::Status ForwardStepOnDevice(const StepInput& step, KvBlockPool& kv_pool,
+                                   const PartitionPlan& plan);
+  const float* device_logits() const { return logits_.as<float>(); }
+  // Samples one token per logit row of the last step on the device (sampling.h: the CPU
+  // Sampler's token for the same seed and step, penalties not supported) and waits for them.
+  absl::StatusOr<std::vector<int32_t>> SampleOnDevice(
+      const std::vector<kernels::SampleRowParams>& rows);
+
+  cudaStream_t stream() const { return stream_; }
+  const LlamaConfig& config() const { return config_; }
+  const DeviceWeights& weights() const { return *weights_; }
+
+ private:
+  GpuBackend(const LlamaConfig& config, const GpuBackendOptions& options);
+  absl::Status Init();  // stream, GEMM runner, RoPE table; validates the shape
+  absl::Status Reserve(int64_t tokens, int64_t logit_rows);
+  absl::Status UploadStep(const StepInput& step);
+  absl::Status Gemm(const void* w, const void* x, void* y, int64_t m, int64_t n, int64_t k,
+                    kernels::Dtype out, bool accumulate);
+
+  LlamaConfig config_;
+  GpuBackendOptions options_;
+  kernels::Dtype dtype_;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<DeviceWeights> weights_;
+  std::unique_ptr<kernels::GemmRunner> gemm_;
+  GpuTreeAttention attention_;
+  DeviceBuffer inv_freq_;  // fp64 [rope_dim / 2]
+  // Step inputs: pinned staging and its device copy; `uploaded_` marks the copy's completion.
+  void* host_inputs_ = nullptr;
+  size_t host_inputs_bytes_ = 0;
+  cudaEvent_t uploaded_ = nullptr;
+  bool upload_pending_ = false;
+  DeviceBuffer inputs_;
+  const int32_t* d_tokens_ = nullptr;
+  const int64_t* d_positions_ = nullptr;
+  const int32_t* d_slots_ = nullptr;
+  const int32_t* d_rows_ = nullptr;
+  int64_t step_rows_ = 0;
+  // Activations (grown to the largest step seen).
+  DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, ffn_, logits_;
+  DeviceBuffer sample_params_, sample_tokens_, sample_workspace_;
+};
+
+}  // namespace deft::gpu
