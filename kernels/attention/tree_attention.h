@@ -3,11 +3,15 @@
 // (seq, tree, node, flatten: the mode only changes the plan, not the kernels).
 //
 // Two launches per layer:
-//  1. chunk kernel, one CTA per (chunk, KV head): the chunk's K/V tiles are read from HBM once
-//     into shared memory and serve every query of the chunk and every query head of the GQA
-//     group (rows = entries x group, a tensor-core M dimension). Per entry it writes a partial
-//     state (o normalized, fp32; lse natural log) to the workspace. Masks (token trees, chunk
-//     boundaries inside a segment) come from the plan's per-entry bitmasks.
+//  1. chunk kernel, one CTA (4 warps) per (work item, KV head). A work item is up to 64 rows of
+//     one chunk, a row being (entry, query head of the GQA group): all query heads that share a
+//     KV head and all queries that share a chunk are the M dimension of one tensor-core tile, so
+//     the chunk's K/V streams through shared memory once for them (a chunk with more than 64
+//     rows has several work items side by side in the grid, which read its K/V from L2 after the
+//     first). Tiles of 16 rows or fewer split the chunk's tokens among the 4 warps instead and
+//     merge in shared memory. Per entry it writes a partial state (o normalized, fp32; lse in
+//     natural log) to the workspace. Masks (token trees, chunk boundaries inside a segment) come
+//     from the plan's per-entry bitmasks.
 //  2. merge kernel, one warp per (query, head): merges the query's entries in the plan's order
 //     (deterministic; no atomics) into out, in the activation dtype.
 //
@@ -18,9 +22,8 @@
 //        each head's head_dim values contiguous and 16-byte aligned.
 //  plan arrays: the PartitionPlan vectors of the same names, uploaded as int32 / uint64.
 //  workspace: TreeAttentionWorkspaceBytes(...) bytes, 256-byte aligned.
-// T is __half or __nv_bfloat16; head_dim 64 or 128; num_heads / num_kv_heads in 1..8.
-// Chunks may hold at most kTreeAttentionMaxChunkTokens tokens (the planner's max_chunk_tokens
-// and seq_chunk_tokens must not exceed it).
+// T is __half or __nv_bfloat16; head_dim 64 or 128; num_heads / num_kv_heads in 1..8. Chunks of
+// any length (masks are one 64-bit word per 64 tokens of the chunk, as the planner writes them).
 //
 // Errors: cudaErrorInvalidValue for an unsupported shape or dtype, else the launch's error.
 // Thread safety: stateless; concurrent launches need distinct workspaces.
@@ -35,7 +38,7 @@ namespace deft::kernels {
 
 enum class KvDtype { kFloat16, kBFloat16 };
 
-inline constexpr int kTreeAttentionMaxChunkTokens = 512;
+inline constexpr int kTreeAttentionTileRows = 64;  // rows of one work item
 
 struct TreeAttentionPlanView {  // device pointers to the plan's arrays
   const int32_t* kv_slots = nullptr;          // [num_kv]
@@ -46,11 +49,19 @@ struct TreeAttentionPlanView {  // device pointers to the plan's arrays
   const uint64_t* masks = nullptr;            // [num_mask_words]
   const int32_t* query_entry_begin = nullptr; // [num_queries + 1]
   const int32_t* query_entries = nullptr;     // [query_entry_begin[num_queries]]
+  // Work items (BuildTreeAttentionWork in tree_attention_plan.h), 4 int32 each, 16-byte
+  // aligned: {first kv index of the chunk, chunk tokens, chunk's first entry,
+  //           first row | tile rows << 24}. Packed so a CTA's set-up is one load.
+  const int32_t* work = nullptr;  // [num_work * 4]
   int32_t num_chunks = 0;
   int32_t num_queries = 0;
   int32_t num_entries = 0;
-  int32_t max_chunk_tokens = 0;  // longest chunk of this plan (<= kTreeAttentionMaxChunkTokens)
+  int32_t num_work = 0;
+  int32_t group = 0;  // num_heads / num_kv_heads the work items were built for
 };
+
+// Which launches RunTreeAttention makes: both (the default), or one of them (profiling).
+enum class TreeAttentionPhases { kBoth, kChunkOnly, kMergeOnly };
 
 struct TreeAttentionArgs {
   KvDtype dtype = KvDtype::kFloat16;
@@ -66,6 +77,10 @@ struct TreeAttentionArgs {
   TreeAttentionPlanView plan;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  // Skip the tensor-core work of a 16-row x tokens block that no row sees (DeFT's kernels). Off
+  // for the tree-mask baseline, which computes its dense mask in full as Medusa-style kernels do.
+  bool skip_masked_blocks = true;
+  TreeAttentionPhases phases = TreeAttentionPhases::kBoth;
 };
 
 // Bytes of workspace a plan with `num_entries` entries needs for `num_heads` x `head_dim`.

@@ -1,0 +1,49 @@
+// Chunk sizes for the GPU tree attention kernels, chosen per step by a small cost model.
+//
+// Why: on the GPU a chunk is a CTA's stream of K/V. Small chunks give parallelism (a 8000-token
+// chain with one query needs ~2 CTAs per SM, so ~250-token chunks), but every chunk leaves one
+// partial state (o, lse in fp32) per query and head it serves, written and read back by the
+// merge: a 4000-token prompt shared by 257 queries cut into 128-token chunks would move 150 MB of
+// partials to save nothing (its K/V is 16 MB). So the best size depends on the tree: the model
+// below weighs both and picks, among candidate sizes, the one with the least estimated time.
+//
+// Model (per layer; constants are measured H100 numbers, overridable):
+//  item   = up to 64 rows (entry x query head of a GQA group) of one chunk, for one KV head;
+//  t_item = max(len x head_dim x 2 x elem_bytes / (bw / slots),
+//               4 x rows16 x len x head_dim / (mma_flops / slots)) + item_overhead
+//  t      = makespan of the items (in grid order) on slots = sms x ctas_per_sm CTA slots, each
+//           item taking the first free slot, + (partial bytes written and read back) / bw
+//           + merge_overhead
+// where rows16 is the rows rounded up to 16 (tensor-core row granularity).
+// Thread safety: stateless functions.
+#pragma once
+
+#include <span>
+
+#include "absl/status/statusor.h"
+#include "engine/attention/partition_plan.h"
+
+namespace deft {
+
+struct GpuAttentionCostModel {
+  int32_t num_heads = 32, num_kv_heads = 8, head_dim = 128, elem_bytes = 2;
+  int32_t sms = 132, ctas_per_sm = 2;
+  double bandwidth = 3.0e12;  // bytes/s
+  double mma_flops = 4.0e14;  // achieved by mma.sync m16n8k16 in the chunk kernel
+  double item_overhead_s = 0.4e-6;
+  double merge_overhead_s = 2.0e-6;
+};
+
+// Estimated seconds of one layer's attention for `plan` (any mode).
+double EstimateGpuAttentionSeconds(const PartitionPlan& plan, const GpuAttentionCostModel& model);
+
+// The planner options for `mode` whose plan has the least estimated time, trying chunk sizes
+// 64..8192 (flatten: the chunk size; node: the longest piece of a segment; seq and tree: the
+// split size). `plan` receives the chosen plan. Errors are the planner's.
+absl::StatusOr<PlannerOptions> ChooseGpuPlannerOptions(AttentionMode mode,
+                                                       std::span<const PlanSegment> segments,
+                                                       std::span<const PlanQuery> queries,
+                                                       const GpuAttentionCostModel& model,
+                                                       PartitionPlan* plan);
+
+}  // namespace deft

@@ -1,0 +1,576 @@
+// DeFT tree attention kernels: the chunk kernel (partial states per plan entry) and the merge
+// kernel (per-query log-sum-exp reduction in plan order). See tree_attention.h for the contract.
+//
+// Chunk kernel, per CTA = (work item, KV head), 4 warps:
+//  - rows: tile row r (0..63) is chunk row work_row + r = entry * group + g; warp w owns rows
+//    16 * (w / S) .. +15 and, within each 64-token sub-tile, tokens (w % S) * 64/S .. +64/S, where
+//    S = 4 / (number of 16-row groups) (1 group: 4 warps split the tokens; 2: 2x2; 3-4: 1).
+//  - K/V: 64-token sub-tiles gathered slot by slot (16-byte cp.async, zero-filled past the chunk)
+//    into a 3-stage ring; rows of head_dim values swizzled (16-byte column chunk XOR token & 7)
+//    so ldmatrix reads 8 tokens at one column without bank conflicts.
+//  - math: S = Q K^T with mma.sync m16n8k16 (fp32 accumulate), scores in log2 domain, online
+//    softmax per row, P rounded to T for O += P V. Masked tokens get -inf.
+//  - end: S > 1 warps of a row group merge through shared memory; partial o is normalized,
+//    lse = ln(sum) + max in natural log.
+// Merge kernel: one warp per (query, head), entries in plan order, weights exp(lse - max).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <mutex>
+
+#include "kernels/attention/tree_attention.h"
+
+namespace deft::kernels {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kSubTokens = 64;  // tokens per sub-tile = bits per mask word
+constexpr int kStages = 3;      // ring depth: 2 sub-tiles in flight while one is computed
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct ChunkParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t kv_slot_stride;
+  int32_t num_heads, num_kv_heads, group;
+  float scale_log2;  // log2(e) / sqrt(head_dim)
+  TreeAttentionPlanView plan;
+  float* part_o;    // [num_entries, num_heads, head_dim]
+  float* part_lse;  // [num_entries, num_heads]
+  bool skip_masked;
+};
+
+template <typename T>
+struct MmaOp;
+template <>
+struct MmaOp<__half> {
+  __device__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct MmaOp<__nv_bfloat16> {
+  __device__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;  // 0: zero-fill (past the chunk's end)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Byte offset of (token, 16-byte column chunk) in a swizzled [64 tokens][D] sub-tile.
+template <int D>
+__device__ __forceinline__ uint32_t TileOffset(int token, int chunk16) {
+  return static_cast<uint32_t>(token * (D * 2) + ((chunk16 ^ (token & 7)) << 4));
+}
+
+template <typename T, int D>
+struct ChunkKernel {
+  static constexpr int kChunk16 = D / 8;                       // 16-byte chunks per row
+  static constexpr int kSubBytes = kSubTokens * D * 2;         // one of K or V
+  static constexpr int kStageBytes = 2 * kSubBytes;            // K then V
+  static constexpr int kRingBytes = kStages * kStageBytes;     // D=128: 96 KiB, D=64: 48 KiB
+  static constexpr int kMergeBytes = kWarps * 16 * (D + 2) * 4;  // o, m, l per warp row
+  static constexpr int kSmemBytes = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
+  static constexpr int kKSteps = D / 16;
+  static constexpr int kDTiles = D / 8;
+};
+
+// Slot ids of sub-tile `sub` for this thread's pieces (-1 past the chunk): piece j of a thread is
+// piece threadIdx.x + kThreads * j of the sub-tile, token (threadIdx.x + kThreads * j) / kChunk16.
+// Loaded one iteration ahead of the copy, so a copy never waits for its index loads.
+template <typename T, int D>
+struct SubTileSlots {
+  static constexpr int kPer = kSubTokens * (D / 8) / kThreads;
+  int id[kPer];
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void LoadSlots(const ChunkParams& p, int chunk_first, int chunk_len,
+                                          int sub, SubTileSlots<T, D>& s) {
+#pragma unroll
+  for (int j = 0; j < SubTileSlots<T, D>::kPer; ++j) {
+    const int t = sub * kSubTokens + (threadIdx.x + kThreads * j) / (D / 8);
+    s.id[j] = t < chunk_len ? __ldg(p.plan.kv_slots + chunk_first + t) : -1;
+  }
+}
+
+// Issues the cp.async copies of one sub-tile (slot ids from LoadSlots) into ring slot `slot`.
+template <typename T, int D>
+__device__ __forceinline__ void LoadSubTile(const ChunkParams& p, uint8_t* smem, int slot,
+                                            const SubTileSlots<T, D>& s, int kv_head) {
+  using K = ChunkKernel<T, D>;
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  uint8_t* ks = smem + slot * K::kStageBytes;
+  uint8_t* vs = ks + K::kSubBytes;
+  static_assert(kSubTokens * K::kChunk16 % kThreads == 0, "pieces per thread");
+#pragma unroll
+  for (int j = 0; j < SubTileSlots<T, D>::kPer; ++j) {
+    const int i = threadIdx.x + kThreads * j;
+    const int token = i / K::kChunk16, c16 = i % K::kChunk16;
+    const bool valid = s.id[j] >= 0;
+    const int64_t off = static_cast<int64_t>(valid ? s.id[j] : 0) * p.kv_slot_stride +
+                        static_cast<int64_t>(kv_head) * D + c16 * 8;
+    const uint32_t so = TileOffset<D>(token, c16);
+    CpAsync16(SmemAddr(ks + so), kbase + off, valid);
+    CpAsync16(SmemAddr(vs + so), vbase + off, valid);
+  }
+}
+
+// One warp's work on one sub-tile: tokens [t0, t0 + TW) of the sub-tile in `slot`, rows a (lane/4)
+// and b (lane/4 + 8) of its 16-row group with visibility words word_a / word_b (bit t: token t of
+// the sub-tile), online softmax into (m, l, o).
+template <typename T, int D, int TW>
+__device__ __forceinline__ void ComputeSubTile(const ChunkParams& p, const uint8_t* smem, int slot,
+                                               int t0, uint64_t word_a, uint64_t word_b,
+                                               const uint32_t (&qf)[D / 16][4], float (&m)[2],
+                                               float (&l)[2], float (&o)[D / 8][4]) {
+  using K = ChunkKernel<T, D>;
+  const int lane = threadIdx.x & 31;
+  const uint8_t* ks = smem + slot * K::kStageBytes;
+  const uint8_t* vs = ks + K::kSubBytes;
+  constexpr int kN = TW / 8;
+  float s[kN][4];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  // S = Q K^T: ldmatrix x4 gives the B fragments of two k-steps for one 8-token n-tile.
+#pragma unroll
+  for (int kk = 0; kk < K::kKSteps; kk += 2) {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      uint32_t b[4];
+      const int token = t0 + 8 * j + (lane & 7);
+      LdMatrixX4(b, SmemAddr(ks + TileOffset<D>(token, 2 * kk + (lane >> 3))));
+      MmaOp<T>::run(s[j], qf[kk], b[0], b[1]);
+      MmaOp<T>::run(s[j], qf[kk + 1], b[2], b[3]);
+    }
+  }
+  // Scale, mask, row max (thread holds cols 2*(lane%4)+{0,1} of each n-tile; a quad is a row).
+  const int c = 2 * (lane & 3);
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = e >> 1;
+      const int col = t0 + 8 * j + c + (e & 1);
+      const uint64_t w = row == 0 ? word_a : word_b;
+      const float v = ((w >> col) & 1ull) ? s[j][e] * p.scale_log2 : -INFINITY;
+      s[j][e] = v;
+      mx[row] = fmaxf(mx[row], v);
+    }
+  }
+  float alpha[2], base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m[r], mx[r]);
+    base[r] = m_new == -INFINITY ? 0.f : m_new;
+    alpha[r] = m_new == -INFINITY ? 1.f : exp2f(m[r] - m_new);
+    m[r] = m_new;
+    l[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int n = 0; n < K::kDTiles; ++n) {
+    o[n][0] *= alpha[0];
+    o[n][1] *= alpha[0];
+    o[n][2] *= alpha[1];
+    o[n][3] *= alpha[1];
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float pv = exp2f(s[j][e] - base[e >> 1]);
+      s[j][e] = pv;
+      l[e >> 1] += pv;
+    }
+  }
+  // O += P V: the accumulators of n-tiles 2t, 2t+1 are the A fragment of k-step t.
+#pragma unroll
+  for (int t = 0; t < TW / 16; ++t) {
+    uint32_t a[4];
+    a[0] = MmaOp<T>::pack(s[2 * t][0], s[2 * t][1]);
+    a[1] = MmaOp<T>::pack(s[2 * t][2], s[2 * t][3]);
+    a[2] = MmaOp<T>::pack(s[2 * t + 1][0], s[2 * t + 1][1]);
+    a[3] = MmaOp<T>::pack(s[2 * t + 1][2], s[2 * t + 1][3]);
+    const int token = t0 + 16 * t + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int n = 0; n < K::kDTiles; n += 2) {
+      uint32_t b[4];
+      LdMatrixX4Trans(b, SmemAddr(vs + TileOffset<D>(token, n + (lane >> 4))));
+      MmaOp<T>::run(o[n], a, b[0], b[1]);
+      MmaOp<T>::run(o[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
+    const __grid_constant__ ChunkParams p) {
+  using K = ChunkKernel<T, D>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int item = blockIdx.x, kv_head = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int4 w = __ldg(reinterpret_cast<const int4*>(p.plan.work) + item);
+  const int chunk_first = w.x, chunk_len = w.y, entry0 = w.z;
+  const int row0 = w.w & 0xffffff, rows = w.w >> 24;
+  const int groups = (rows + 15) / 16;
+  const int splits = groups == 1 ? 4 : (groups == 2 ? 2 : 1);
+  const int rg = warp / splits, split = warp % splits;
+  const bool active = rg < groups;
+
+  // K/V of the first sub-tiles first: their latency hides the Q and mask set-up below.
+  const int num_sub = (chunk_len + kSubTokens - 1) / kSubTokens;
+  SubTileSlots<T, D> slots;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < num_sub) {
+      LoadSlots<T, D>(p, chunk_first, chunk_len, st, slots);
+      LoadSubTile<T, D>(p, smem, st, slots, kv_head);
+    }
+    CpAsyncCommit();
+  }
+  // The slot ids of the next sub-tile to copy (kStages - 1), fetched now.
+  if (kStages - 1 < num_sub) LoadSlots<T, D>(p, chunk_first, chunk_len, kStages - 1, slots);
+
+  // This thread's two rows: a = lane/4, b = lane/4 + 8 of row group rg.
+  int entry[2], head[2];
+  bool valid[2];
+  int64_t mask_at[2];
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int tile_row = rg * 16 + (lane >> 2) + 8 * r;
+    valid[r] = active && tile_row < rows;
+    const int chunk_row = row0 + tile_row;
+    entry[r] = entry0 + (valid[r] ? chunk_row / p.group : 0);
+    head[r] = kv_head * p.group + (valid[r] ? chunk_row % p.group : 0);
+    mask_at[r] = -1;
+    if (!valid[r]) continue;
+    const int mb = p.plan.entry_mask_begin[entry[r]];
+    if (mb != p.plan.entry_mask_begin[entry[r] + 1]) mask_at[r] = mb;
+    const int query = p.plan.entry_query[entry[r]];
+    const T* qrow = static_cast<const T*>(p.q) +
+                    (static_cast<int64_t>(query) * p.num_heads + head[r]) * D;
+    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qrow);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      // A fragment: regs 0/1 row a/b at k 2*(lane%4); regs 2/3 the same 8 columns further.
+      qf[kk][r] = __ldg(q32 + (kk * 16 + 2 * (lane & 3)) / 2);
+      qf[kk][r + 2] = __ldg(q32 + (kk * 16 + 8 + 2 * (lane & 3)) / 2);
+    }
+  }
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+  const int tw = kSubTokens / splits;
+  for (int sub = 0; sub < num_sub; ++sub) {
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();  // sub-tile `sub` landed for all; slot of sub-1 free for reuse
+    const int next = sub + kStages - 1;
+    if (next < num_sub) {
+      LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head);
+      if (next + 1 < num_sub) LoadSlots<T, D>(p, chunk_first, chunk_len, next + 1, slots);
+    }
+    CpAsyncCommit();
+    if (!active) continue;
+    // Visibility words of rows a and b over this sub-tile.
+    const int left = chunk_len - sub * kSubTokens;
+    const uint64_t in_chunk = left >= 64 ? ~0ull : ((1ull << left) - 1ull);
+    uint64_t word[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      word[r] = !valid[r] ? 0ull
+                          : (mask_at[r] < 0 ? in_chunk : p.plan.masks[mask_at[r] + sub] & in_chunk);
+    }
+    const int t0 = split * tw;
+    const uint64_t mine = tw == 64 ? ~0ull : (((1ull << tw) - 1ull) << t0);
+    if (p.skip_masked && !__any_sync(0xffffffffu, ((word[0] | word[1]) & mine) != 0ull)) continue;
+    if (splits == 4) {
+      ComputeSubTile<T, D, 16>(p, smem, sub % kStages, t0, word[0], word[1], qf, m, l, o);
+    } else if (splits == 2) {
+      ComputeSubTile<T, D, 32>(p, smem, sub % kStages, t0, word[0], word[1], qf, m, l, o);
+    } else {
+      ComputeSubTile<T, D, 64>(p, smem, sub % kStages, t0, word[0], word[1], qf, m, l, o);
+    }
+  }
+  CpAsyncWait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  const int c = 2 * (lane & 3);
+  if (splits > 1) {
+    // Each warp parks (m, l, o) for its 16 rows; warp split 0 of each group merges them.
+    __syncthreads();
+    float* park = reinterpret_cast<float*>(smem) + warp * 16 * (D + 2);
+    if (active) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float* row = park + ((lane >> 2) + 8 * r) * (D + 2);
+        if ((lane & 3) == 0) {
+          row[D] = m[r];
+          row[D + 1] = l[r];
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          row[8 * n + c] = o[n][2 * r];
+          row[8 * n + c + 1] = o[n][2 * r + 1];
+        }
+      }
+    }
+    __syncthreads();
+    if (!active || split != 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row_in = (lane >> 2) + 8 * r;
+      float mm = -INFINITY;
+      for (int s = 0; s < splits; ++s) {
+        mm = fmaxf(mm, reinterpret_cast<float*>(smem)[((warp + s) * 16 + row_in) * (D + 2) + D]);
+      }
+      float ll = 0.f;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) o[n][2 * r] = o[n][2 * r + 1] = 0.f;
+      for (int s = 0; s < splits; ++s) {
+        const float* row = reinterpret_cast<float*>(smem) + ((warp + s) * 16 + row_in) * (D + 2);
+        const float ws = mm == -INFINITY ? 0.f : exp2f(row[D] - mm);
+        ll += ws * row[D + 1];
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          o[n][2 * r] += ws * row[8 * n + c];
+          o[n][2 * r + 1] += ws * row[8 * n + c + 1];
+        }
+      }
+      m[r] = mm;
+      l[r] = ll;
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (!valid[r]) continue;
+    const int64_t at = static_cast<int64_t>(entry[r]) * p.num_heads + head[r];
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    float* out = p.part_o + at * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<float2*>(out + 8 * n + c) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+    if ((lane & 3) == 0) p.part_lse[at] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+  }
+}
+
+struct MergeParams {
+  const float* part_o;
+  const float* part_lse;
+  const int32_t* query_entry_begin;
+  const int32_t* query_entries;
+  void* out;
+  int32_t num_queries, num_heads;
+};
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float x);
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// One warp per (query, head). Entries are taken 32 at a time: each lane fetches one entry's id
+// and lse (one round trip for 32 entries), the batch's weights are rescaled online to the running
+// max. Then the warp reads kLanesPerEntry-lane slices of 4 entries' o vectors at once (4 entries x
+// 2 unrolled = 8 independent 16-byte loads per lane in flight) and the 4 lane groups' sums are
+// combined by shuffles at the end. Fixed entry order and shuffle tree: deterministic.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_constant__ MergeParams p) {
+  constexpr int kGroups = 4;                  // entries read side by side
+  constexpr int kLanesPerEntry = 32 / kGroups;  // 8 lanes cover one o vector
+  constexpr int kPer = D / kLanesPerEntry;      // floats per lane: 16 (D=128) or 8 (D=64)
+  const int lane = threadIdx.x & 31;
+  const int group = lane / kLanesPerEntry, sub = lane % kLanesPerEntry;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (gw >= static_cast<int64_t>(p.num_queries) * p.num_heads) return;
+  const int query = static_cast<int>(gw / p.num_heads), head = static_cast<int>(gw % p.num_heads);
+  const int b = p.query_entry_begin[query], e = p.query_entry_begin[query + 1];
+  float acc[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
+  float mx = -INFINITY, sum = 0.f;
+  for (int base = b; base < e; base += 32) {
+    const int n = min(32, e - base);
+    const int my_entry = lane < n ? p.query_entries[base + lane] : 0;
+    const float my_lse =
+        lane < n ? p.part_lse[static_cast<int64_t>(my_entry) * p.num_heads + head] : -INFINITY;
+    float bm = my_lse;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, off));
+    if (bm == -INFINITY) continue;  // the whole batch is empty
+    const float new_mx = fmaxf(mx, bm);
+    const float rescale = mx == -INFINITY ? 0.f : __expf(mx - new_mx);
+    mx = new_mx;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) acc[j] *= rescale;
+    const float my_w = my_lse == -INFINITY ? 0.f : __expf(my_lse - mx);
+    float bs = my_w;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) bs += __shfl_xor_sync(0xffffffffu, bs, off);
+    sum = sum * rescale + bs;
+#pragma unroll 2
+    for (int i0 = 0; i0 < n; i0 += kGroups) {
+      const int i = i0 + group;  // this lane group's entry (weight 0 past the batch)
+      // Every lane shuffles (a shuffle must not diverge), then lanes past the batch skip.
+      const int entry = __shfl_sync(0xffffffffu, my_entry, i & 31);
+      const float w = __shfl_sync(0xffffffffu, my_w, i & 31);
+      if (i < n) {
+        const float4* src = reinterpret_cast<const float4*>(
+            p.part_o + (static_cast<int64_t>(entry) * p.num_heads + head) * D + sub * kPer);
+#pragma unroll
+        for (int j = 0; j < kPer / 4; ++j) {
+          const float4 v = __ldg(src + j);
+          acc[4 * j] += w * v.x;
+          acc[4 * j + 1] += w * v.y;
+          acc[4 * j + 2] += w * v.z;
+          acc[4 * j + 3] += w * v.w;
+        }
+      }
+    }
+  }
+  // Combine the lane groups (lanes sub, sub + 8, sub + 16, sub + 24 hold the same dims).
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], kLanesPerEntry);
+    acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], 2 * kLanesPerEntry);
+  }
+  if (group != 0) return;
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  T* dst = static_cast<T*>(p.out) + gw * D + sub * kPer;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) dst[j] = FromFloat<T>(acc[j] * inv);
+}
+
+size_t AlignUp(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
+
+template <typename T, int D>
+cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
+  using K = ChunkKernel<T, D>;
+  static std::once_flag once;
+  static cudaError_t attr_status = cudaSuccess;
+  std::call_once(once, [] {
+    attr_status = cudaFuncSetAttribute(TreeAttentionChunkKernel<T, D>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
+  });
+  if (attr_status != cudaSuccess) return attr_status;
+  const size_t o_bytes = AlignUp(static_cast<size_t>(a.plan.num_entries) * a.num_heads * D * 4);
+  ChunkParams cp;
+  cp.q = a.q;
+  cp.k = a.k;
+  cp.v = a.v;
+  cp.kv_slot_stride = a.kv_slot_stride;
+  cp.num_heads = a.num_heads;
+  cp.num_kv_heads = a.num_kv_heads;
+  cp.group = a.num_heads / a.num_kv_heads;
+  cp.scale_log2 = kLog2e / sqrtf(static_cast<float>(D));
+  cp.plan = a.plan;
+  cp.part_o = static_cast<float*>(a.workspace);
+  cp.part_lse = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + o_bytes);
+  cp.skip_masked = a.skip_masked_blocks;
+  if (a.plan.num_work > 0 && a.phases != TreeAttentionPhases::kMergeOnly) {
+    TreeAttentionChunkKernel<T, D>
+        <<<dim3(a.plan.num_work, a.num_kv_heads), kThreads, K::kSmemBytes, stream>>>(cp);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
+  MergeParams mp{cp.part_o,           cp.part_lse, a.plan.query_entry_begin, a.plan.query_entries,
+                 a.out,               a.plan.num_queries, a.num_heads};
+  const int64_t warps = static_cast<int64_t>(a.plan.num_queries) * a.num_heads;
+  if (warps > 0 && a.phases != TreeAttentionPhases::kChunkOnly) {
+    TreeAttentionMergeKernel<T, D><<<static_cast<unsigned>((warps + 3) / 4), 128, 0, stream>>>(mp);
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+size_t TreeAttentionWorkspaceBytes(int32_t num_entries, int32_t num_heads, int32_t head_dim) {
+  const size_t n = static_cast<size_t>(num_entries > 0 ? num_entries : 0) * num_heads;
+  return AlignUp(n * head_dim * 4) + AlignUp(n * 4);
+}
+
+cudaError_t RunTreeAttention(const TreeAttentionArgs& a, cudaStream_t stream) {
+  if (a.num_heads <= 0 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int group = a.num_heads / a.num_kv_heads;
+  if (group > 8 || group != a.plan.group) return cudaErrorInvalidValue;
+  if (a.q == nullptr || a.out == nullptr || a.k == nullptr || a.v == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.kv_slot_stride < static_cast<int64_t>(a.num_kv_heads) * a.head_dim) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.plan.num_entries > 0 &&
+      (a.workspace == nullptr ||
+       a.workspace_bytes < TreeAttentionWorkspaceBytes(a.plan.num_entries, a.num_heads, a.head_dim))) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.plan.num_work > 65535 * 1024) return cudaErrorInvalidValue;
+  const bool bf16 = a.dtype == KvDtype::kBFloat16;
+  if (a.head_dim == 128) return bf16 ? Launch<__nv_bfloat16, 128>(a, stream) : Launch<__half, 128>(a, stream);
+  if (a.head_dim == 64) return bf16 ? Launch<__nv_bfloat16, 64>(a, stream) : Launch<__half, 64>(a, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace deft::kernels

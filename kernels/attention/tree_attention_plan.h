@@ -1,0 +1,61 @@
+// Host side of the tree attention kernels: work items from a plan, and the plan's upload.
+//
+// BuildTreeAttentionWork: one work item per 64 rows (kTreeAttentionTileRows) of each chunk,
+// rows = entries x group; items of one chunk are adjacent (they run side by side and share the
+// chunk's K/V through L2).
+//
+// DeviceTreeAttentionPlan packs the plan's arrays and the work items into one pinned host
+// buffer and uploads it with a single cudaMemcpyAsync; view() then points into device memory.
+// Upload waits (on the host) for the previous upload's copy to finish before reusing the
+// staging buffer, so a plan can be uploaded every step without a stream synchronize.
+// Thread safety: one object per stream; not thread-safe.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kernels/attention/tree_attention.h"
+
+namespace deft::kernels {
+
+// The host arrays of a partition plan (same names and meaning as engine/attention's
+// PartitionPlan; kernels/ does not include the engine).
+struct TreeAttentionPlanArrays {
+  std::span<const int32_t> kv_slots, chunk_begin, entry_begin, entry_query, entry_mask_begin;
+  std::span<const uint64_t> masks;
+  std::span<const int32_t> query_entry_begin, query_entries;
+};
+
+// The work items of a plan (TreeAttentionPlanView::work), 4 int32 per item, into *work.
+// REQUIRES: chunk_begin and entry_begin have the same size; rows of a chunk < 2^24.
+void BuildTreeAttentionWork(std::span<const int32_t> chunk_begin,
+                            std::span<const int32_t> entry_begin, int32_t group,
+                            std::vector<int32_t>* work);
+
+class DeviceTreeAttentionPlan {
+ public:
+  DeviceTreeAttentionPlan() = default;
+  ~DeviceTreeAttentionPlan();
+  DeviceTreeAttentionPlan(const DeviceTreeAttentionPlan&) = delete;
+  DeviceTreeAttentionPlan& operator=(const DeviceTreeAttentionPlan&) = delete;
+
+  // cudaErrorInvalidValue for inconsistent arrays (sizes that do not match their offsets).
+  cudaError_t Upload(const TreeAttentionPlanArrays& plan, int32_t group, cudaStream_t stream);
+  const TreeAttentionPlanView& view() const { return view_; }
+  size_t uploaded_bytes() const { return bytes_; }
+
+ private:
+  cudaError_t Reserve(size_t bytes);
+  std::vector<int32_t> work_;
+  void* host_ = nullptr;    // pinned staging
+  void* device_ = nullptr;  // device copy
+  size_t capacity_ = 0, bytes_ = 0;
+  cudaEvent_t copied_ = nullptr;
+  bool pending_ = false;
+  TreeAttentionPlanView view_;
+};
+
+}  // namespace deft::kernels
