@@ -7,6 +7,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
+#include "engine/scheduler/step_builder.h"
 
 namespace deft {
 namespace {
@@ -14,16 +15,6 @@ namespace {
 double NowSeconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
-
-struct NodeKey {
-  TreeId tree;
-  NodeId node;
-  bool operator==(const NodeKey& o) const { return tree == o.tree && node == o.node; }
-  template <typename H>
-  friend H AbslHashValue(H h, const NodeKey& k) {
-    return H::combine(std::move(h), k.tree, k.node);
-  }
-};
 
 }  // namespace
 
@@ -61,6 +52,10 @@ TreeEngine::~TreeEngine() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
+    for (VerifyJob* job : verifies_) {
+      FinishVerifyLocked(*job, absl::CancelledError("the engine is shutting down"));
+    }
+    verifies_.clear();
     for (auto& [id, g] : generations_) {
       for (auto& b : g->branches) {
         if (!b->done) FinishBranch(*g, *b, FinishReason::kCancelled, &events);
@@ -274,6 +269,11 @@ StepStats TreeEngine::stats() const {
   return stats_;
 }
 
+int64_t TreeEngine::waiting_verifications() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(verifies_.size());
+}
+
 int64_t TreeEngine::free_blocks() const { return pool_->free_blocks(); }
 int64_t TreeEngine::total_blocks() const { return pool_->num_blocks(); }
 int64_t TreeEngine::shared_blocks() const { return pool_->shared_blocks(); }
@@ -313,7 +313,7 @@ void TreeEngine::SchedulerLoop() {
     bool worked;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [&] { return stop_ || !generations_.empty(); });
+      work_cv_.wait(lock, [&] { return stop_ || !generations_.empty() || !verifies_.empty(); });
       if (stop_) return;
       worked = RunStep(&events);
       for (auto it = generations_.begin(); it != generations_.end();) {
@@ -349,7 +349,7 @@ bool TreeEngine::RunStep(std::vector<Event>* events) {
       active.push_back(b.get());
     }
   }
-  if (active.empty()) return false;
+  if (active.empty() && verifies_.empty()) return false;
   // Round-robin: rotate the order so a different tree's work goes first each step.
   std::stable_sort(active.begin(), active.end(),
                    [](const Branch* a, const Branch* b) { return a->tree < b->tree; });
@@ -374,6 +374,77 @@ bool TreeEngine::RunStep(std::vector<Event>* events) {
   };
   std::vector<LogitNeed> needs;
   int64_t budget = options_.step_token_budget;
+  // A prefill chunk of `node` (its first `count` pending tokens), shared by everything that needs
+  // that node computed.
+  auto add_feed = [&](TreeId tree, const TreeNode& node) {
+    const NodeKey key{tree, node.id};
+    auto it = feed_index.find(key);
+    if (it != feed_index.end() || budget <= 0) return;
+    const int64_t count = std::min(node.length() - node.num_computed, budget);
+    budget -= count;
+    feed_index[key] = feeds.size();
+    feeds.push_back({tree, node.id, count, {}});
+  };
+
+  // Verifications first, in arrival order, one per node: a draft rides in this step when the path
+  // above its tip is computed and the tip's pending tokens plus the draft fit the budget left (or
+  // nothing was placed yet); otherwise the pending tokens in its way are prefilled.
+  std::vector<VerifyRider> riders;
+  absl::flat_hash_set<NodeKey> verify_nodes;
+  for (auto it = verifies_.begin(); it != verifies_.end();) {
+    VerifyJob& job = **it;
+    if (!verify_nodes.insert({job.tree, job.node}).second) {
+      ++it;
+      continue;
+    }
+    if (absl::Status v = CheckVerifyTargetLocked(job); !v.ok()) {
+      FinishVerifyLocked(job, v);
+      it = verifies_.erase(it);
+      continue;
+    }
+    const std::vector<const TreeNode*> path = *cache_->Path(job.tree, job.node);
+    const TreeNode* blocking = nullptr;
+    for (size_t i = 0; i + 1 < path.size() && blocking == nullptr; ++i) {
+      if (path[i]->num_computed < path[i]->length()) blocking = path[i];
+    }
+    const TreeNode& tip = *path.back();
+    const int64_t tip_pending = tip.length() - tip.num_computed;
+    const int64_t cost = tip_pending + static_cast<int64_t>(job.draft.size());
+    const bool first = budget == options_.step_token_budget;
+    // The tip's pending tokens and the draft do not fit: the first verification of a step still
+    // rides when the tip's tokens alone fit the budget (the draft goes over it); otherwise the
+    // tip is prefilled (in chunks) and the draft rides once a query-only row of it is left.
+    if (blocking == nullptr && tip_pending > 0 && cost > budget &&
+        !(first && tip_pending <= budget)) {
+      blocking = &tip;
+    }
+    if (blocking != nullptr) {
+      add_feed(job.tree, *blocking);
+      ++it;
+      continue;
+    }
+    if (cost > budget && !first) {
+      ++it;  // the next step has room: verifications go first, and the first one always rides
+      continue;
+    }
+    VerifyRider rider;
+    rider.job = &job;
+    rider.tip_pending = tip_pending;
+    if (absl::Status a = pool_->AllocateMany((job.draft.size() + bt - 1) / bt, &rider.temp_blocks);
+        !a.ok()) {
+      FinishVerifyLocked(job, a);
+      it = verifies_.erase(it);
+      continue;
+    }
+    budget -= cost;
+    if (tip_pending > 0) {
+      feed_index[{job.tree, job.node}] = feeds.size();
+      feeds.push_back({job.tree, job.node, tip_pending, {}});
+    }
+    riders.push_back(std::move(rider));
+    it = verifies_.erase(it);
+  }
+
   // Decode tips first (one pending token each), then prefill chunks.
   for (int pass = 0; pass < 2; ++pass) {
     for (Branch* b : active) {
@@ -434,7 +505,24 @@ bool TreeEngine::RunStep(std::vector<Event>* events) {
                   needs.begin(), needs.end(),
                   [&](const LogitNeed& n) { return !n.query_only && !feed_index.contains(n.key); }),
               needs.end());
-  if (runnable.empty() && needs.empty()) {
+  // A verification whose tip could not get blocks fails (as Verify always has) rather than wait.
+  riders.erase(
+      std::remove_if(riders.begin(), riders.end(),
+                     [&](VerifyRider& r) {
+                       if (r.tip_pending == 0 || feed_index.contains({r.job->tree, r.job->node})) {
+                         return false;
+                       }
+                       for (int32_t b : r.temp_blocks) pool_->Release(b);
+                       FinishVerifyLocked(*r.job, exhausted);
+                       return true;
+                     }),
+      riders.end());
+  if (runnable.empty() && needs.empty() && riders.empty()) {
+    // Verifications waiting for a prefill that cannot get blocks fail too.
+    if (!exhausted.ok()) {
+      for (VerifyJob* job : verifies_) FinishVerifyLocked(*job, exhausted);
+      verifies_.clear();
+    }
     // Nothing fits in the pool: fail every active branch rather than spin.
     for (auto& [id, g] : generations_) {
       bool hit = false;
@@ -454,86 +542,56 @@ bool TreeEngine::RunStep(std::vector<Event>* events) {
     return false;
   }
 
-  // 4. Segments (every node on the paths involved), tokens and queries.
-  std::vector<std::vector<int32_t>> seg_slots;
-  std::vector<PlanSegment> segments;
-  absl::flat_hash_map<NodeKey, int32_t> seg_index;
-  auto segment_of = [&](TreeId tree, NodeId node) -> int32_t {
-    auto path = cache_->Path(tree, node);
-    int32_t parent = -1;
-    for (const TreeNode* n : *path) {
-      NodeKey key{tree, n->id};
-      auto it = seg_index.find(key);
-      if (it != seg_index.end()) {
-        parent = it->second;
-        continue;
-      }
-      std::vector<int32_t> slots;
-      for (int64_t i = 0; i < n->num_computed; ++i) slots.push_back(TreeKvCache::SlotOf(*n, i, bt));
-      auto fit = feed_index.find(key);
-      if (fit != feed_index.end()) {
-        const auto& extra = runnable[fit->second].slots;
-        slots.insert(slots.end(), extra.begin(), extra.end());
-      }
-      const int32_t idx = static_cast<int32_t>(seg_slots.size());
-      seg_slots.push_back(std::move(slots));
-      segments.push_back({parent, {}});
-      seg_index[key] = idx;
-      parent = idx;
-    }
-    return parent;
-  };
-  std::vector<int32_t> tokens, kv_slots, logit_rows;
-  std::vector<int64_t> positions;
-  std::vector<PlanQuery> queries;
+  // 4. The step: fed tokens, then the query-only rows of tips whose paths are computed.
+  StepBuilder step(*cache_, bt);
   absl::flat_hash_map<NodeKey, int32_t> last_row;  // node -> row of its last fed token
-  for (size_t i = 0; i < runnable.size(); ++i) {
-    const Feed& f = runnable[i];
-    const TreeNode* n = *cache_->GetNode(f.tree, f.node);
-    const int32_t seg = segment_of(f.tree, f.node);
-    for (int64_t j = 0; j < f.count; ++j) {
-      const int64_t idx = n->num_computed + j;
-      tokens.push_back(n->tokens[idx]);
-      positions.push_back(n->start_position + idx);
-      kv_slots.push_back(f.slots[j]);
-      queries.push_back({seg, static_cast<int32_t>(idx + 1)});
-    }
-    last_row[{f.tree, f.node}] = static_cast<int32_t>(tokens.size()) - 1;
-  }
-  absl::flat_hash_map<NodeKey, int32_t> query_only_row;
+  for (const Feed& f : runnable) last_row[{f.tree, f.node}] = step.Feed(f.tree, f.node, f.slots);
   std::vector<int32_t> need_rows;
   for (const LogitNeed& need : needs) {
-    int32_t row;
-    if (!need.query_only) {
-      row = last_row.at(need.key);
-    } else {
-      auto it = query_only_row.find(need.key);
-      if (it == query_only_row.end()) {
-        const TreeNode* n = *cache_->GetNode(need.key.tree, need.key.node);
-        const int32_t seg = segment_of(need.key.tree, need.key.node);
-        tokens.push_back(n->tokens.back());
-        positions.push_back(n->end_position() - 1);
-        kv_slots.push_back(-1);  // stored already
-        queries.push_back({seg, static_cast<int32_t>(n->length())});
-        it = query_only_row.emplace(need.key, static_cast<int32_t>(tokens.size()) - 1).first;
-      }
-      row = it->second;
-    }
-    auto pos = std::find(logit_rows.begin(), logit_rows.end(), row);
-    need_rows.push_back(static_cast<int32_t>(pos - logit_rows.begin()));
-    if (pos == logit_rows.end()) logit_rows.push_back(row);
+    const int32_t row =
+        need.query_only ? step.QueryOnly(need.key.tree, need.key.node) : last_row.at(need.key);
+    need_rows.push_back(step.Logits(row));
   }
-  for (size_t i = 0; i < segments.size(); ++i) segments[i].slots = seg_slots[i];
+  // Drafts: the tip's row (its last fed token, or its path's last token as a query-only row),
+  // then one segment per draft token under its parent's (each sees the path and its ancestors).
+  for (VerifyRider& r : riders) {
+    const VerifyJob& job = *r.job;
+    const int64_t before = step.num_tokens();
+    const std::vector<const TreeNode*> path = *cache_->Path(job.tree, job.node);
+    int32_t tip_row;
+    if (r.tip_pending > 0) {
+      tip_row = last_row.at({job.tree, job.node});
+    } else {
+      NodeId last_nonempty = kNoNode;
+      for (const TreeNode* n : path) {
+        if (n->length() > 0) last_nonempty = n->id;
+      }
+      tip_row = step.QueryOnly(job.tree, last_nonempty);
+    }
+    r.tip_logits = step.Logits(tip_row);
+    const int32_t tip_seg = step.SegmentOf(job.tree, job.node);
+    const int64_t tip_end = path.back()->end_position();
+    const size_t n = job.draft.size();
+    std::vector<int32_t> seg(n);
+    for (size_t i = 0; i < n; ++i) {
+      const int32_t slot = r.temp_blocks[i / bt] * bt + static_cast<int32_t>(i % bt);
+      const auto [s_i, row] = step.Draft(job.parents[i] < 0 ? tip_seg : seg[job.parents[i]],
+                                         job.draft[i], tip_end + job.depth[i] - 1, slot);
+      seg[i] = s_i;
+      r.draft_logits.push_back(step.Logits(row));
+    }
+    r.own_tokens = r.tip_pending + (step.num_tokens() - before);
+  }
 
   // 5. Plan and run.
-  absl::Status s = planner_.Plan(segments, queries, &plan_);
   std::vector<float> logits;
-  if (s.ok()) {
-    LlamaModel::StepInput step{tokens, positions, kv_slots, logit_rows};
-    s = model_->ForwardStep(step, *pool_, plan_, &logits);
-  }
+  absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits);
   if (!s.ok()) {
     // A bug, not bad input: end everything that took part with the error.
+    for (VerifyRider& r : riders) {
+      for (int32_t b : r.temp_blocks) pool_->Release(b);
+      FinishVerifyLocked(*r.job, s);
+    }
     for (auto& [id, g] : generations_) {
       for (auto& b : g->branches) b->done = true;
       g->remaining = 0;
@@ -541,13 +599,15 @@ bool TreeEngine::RunStep(std::vector<Event>* events) {
     }
     return false;
   }
-  ++stats_.steps;
-  stats_.tokens_fed += static_cast<int64_t>(tokens.size());
-  stats_.kv_bytes_read += plan_.kv_bytes_read;
-  stats_.kv_bytes_floor += plan_.kv_bytes_floor;
+  RecordStep(step);
   for (const Feed& f : runnable) {
     absl::Status m = cache_->MarkComputed(f.tree, f.node, f.count);
     (void)m;  // cannot fail: the slots were reserved for exactly these tokens
+  }
+  for (VerifyRider& r : riders) {
+    ++stats_.verifications;
+    if (step.num_tokens() > r.own_tokens) ++stats_.verifications_batched;
+    FinishVerifyLocked(*r.job, CommitVerifyLocked(r, logits));
   }
 
   // 6. Sample, append, stream, finish.
@@ -634,135 +694,77 @@ absl::StatusOr<VerifyResult> TreeEngine::Verify(TreeId tree, NodeId node,
   absl::Status s = params.Validate(c.vocab_size);
   if (!s.ok()) return s;
 
-  std::lock_guard<std::mutex> lock(mu_);
-  auto tip_or = cache_->GetNode(tree, node);
-  if (!tip_or.ok()) return tip_or.status();
-  if (!(*tip_or)->children.empty()) {
+  VerifyJob job;
+  job.tree = tree;
+  job.node = node;
+  job.draft = draft;
+  job.parents = parents;
+  job.depth = std::move(depth);
+  job.params = params;
+  std::unique_lock<std::mutex> lock(mu_);
+  if (std::this_thread::get_id() == scheduler_.get_id()) {
     return absl::FailedPreconditionError(
-        absl::StrFormat("node %d of tree %d is not a leaf", node, tree));
+        "Verify waits for the scheduler thread, so an engine callback cannot call it");
   }
-  if (NodeIsGenerating(tree, node)) {
-    return absl::FailedPreconditionError(
-        absl::StrFormat("node %d of tree %d is generating", node, tree));
-  }
-  const int32_t max_depth = *std::max_element(depth.begin(), depth.end());
-  if ((*tip_or)->end_position() + max_depth + 1 > c.context_length) {
-    return absl::OutOfRangeError(
-        absl::StrFormat("the draft would reach position %d; the model's context holds %d",
-                        (*tip_or)->end_position() + max_depth + 1, c.context_length));
-  }
-  const int32_t bt = pool_->block_tokens();
+  if (absl::Status v = CheckVerifyTargetLocked(job); !v.ok()) return v;
+  if (stop_) return absl::CancelledError("the engine is shutting down");
+  verifies_.push_back(&job);
+  work_cv_.notify_all();
+  verify_cv_.wait(lock, [&] { return job.result.has_value(); });
+  return std::move(*job.result);
+}
 
-  // Temporary blocks for the draft's KV.
-  std::vector<int32_t> temp_blocks;
-  s = pool_->AllocateMany((n + bt - 1) / bt, &temp_blocks);
-  if (!s.ok()) return s;
-  struct TempRelease {
+absl::Status TreeEngine::CheckVerifyTargetLocked(const VerifyJob& job) const {
+  auto tip = cache_->GetNode(job.tree, job.node);
+  if (!tip.ok()) return tip.status();
+  if (!(*tip)->children.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("node %d of tree %d is not a leaf", job.node, job.tree));
+  }
+  if (NodeIsGenerating(job.tree, job.node)) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("node %d of tree %d is generating", job.node, job.tree));
+  }
+  const int64_t reach =
+      (*tip)->end_position() + *std::max_element(job.depth.begin(), job.depth.end()) + 1;
+  if (reach > model_->config().context_length) {
+    return absl::OutOfRangeError(
+        absl::StrFormat("the draft would reach position %d; the model's context holds %d", reach,
+                        model_->config().context_length));
+  }
+  return absl::OkStatus();
+}
+
+void TreeEngine::FinishVerifyLocked(VerifyJob& job, absl::StatusOr<VerifyResult> result) {
+  job.result = std::move(result);
+  verify_cv_.notify_all();
+}
+
+absl::StatusOr<VerifyResult> TreeEngine::CommitVerifyLocked(VerifyRider& rider,
+                                                            const std::vector<float>& logits) {
+  const VerifyJob& job = *rider.job;
+  const int32_t bt = pool_->block_tokens();
+  struct TempRelease {  // the draft's KV blocks go back to the pool however this ends
     KvBlockPool* pool;
     std::vector<int32_t>* blocks;
     ~TempRelease() {
       for (int32_t b : *blocks) pool->Release(b);
     }
-  } release{pool_.get(), &temp_blocks};
+  } release{pool_.get(), &rider.temp_blocks};
   auto draft_slot = [&](int64_t i) {
-    return temp_blocks[i / bt] * bt + static_cast<int32_t>(i % bt);
+    return rider.temp_blocks[i / bt] * bt + static_cast<int32_t>(i % bt);
   };
 
-  // Nodes above the tip with pending tokens are prefilled first; the tip's own pending tokens
-  // are computed in the verification step itself.
-  {
-    auto path = *cache_->Path(tree, node);
-    for (size_t i = 0; i + 1 < path.size(); ++i) {
-      if (path[i]->num_computed < path[i]->length()) {
-        s = ComputePendingLocked(tree, path[i]->id);
-        if (!s.ok()) return s;
-      }
-    }
-  }
-  auto path = *cache_->Path(tree, node);
-  std::vector<PlanSegment> segments;
-  std::vector<std::vector<int32_t>> seg_slots;
-  std::vector<int32_t> tokens, kv_slots, logit_rows;
-  std::vector<int64_t> positions;
-  std::vector<PlanQuery> queries;
-  std::vector<std::pair<NodeId, int64_t>> marked;
-  int32_t tip_row = -1;
-  const TreeNode* last_nonempty = nullptr;
-  for (const TreeNode* nd : path) {
-    const int64_t pending = nd->length() - nd->num_computed;
-    std::vector<int32_t> reserved;
-    if (pending > 0) {
-      auto r = cache_->ReserveSlots(tree, nd->id, pending);
-      if (!r.ok()) return r.status();
-      reserved = std::move(*r);
-    }
-    std::vector<int32_t> slots;
-    for (int64_t i = 0; i < nd->num_computed; ++i) slots.push_back(TreeKvCache::SlotOf(*nd, i, bt));
-    const int32_t seg = static_cast<int32_t>(seg_slots.size());
-    for (int64_t j = 0; j < pending; ++j) {
-      const int64_t idx = nd->num_computed + j;
-      tokens.push_back(nd->tokens[idx]);
-      positions.push_back(nd->start_position + idx);
-      kv_slots.push_back(reserved[j]);
-      queries.push_back({seg, static_cast<int32_t>(idx + 1)});
-      tip_row = static_cast<int32_t>(tokens.size()) - 1;
-    }
-    slots.insert(slots.end(), reserved.begin(), reserved.end());
-    seg_slots.push_back(std::move(slots));
-    segments.push_back({seg - 1, {}});
-    if (pending > 0) marked.push_back({nd->id, pending});
-    if (nd->length() > 0) last_nonempty = nd;
-  }
-  const int32_t tip_seg = static_cast<int32_t>(seg_slots.size()) - 1;
-  if (tip_row < 0) {
-    // Nothing pending: recompute the path's last token as a query-only row for its logits.
-    int32_t seg = 0;
-    for (size_t i = 0; i < path.size(); ++i) {
-      if (path[i] == last_nonempty) seg = static_cast<int32_t>(i);
-    }
-    tokens.push_back(last_nonempty->tokens.back());
-    positions.push_back(last_nonempty->end_position() - 1);
-    kv_slots.push_back(-1);
-    queries.push_back({seg, static_cast<int32_t>(last_nonempty->length())});
-    tip_row = static_cast<int32_t>(tokens.size()) - 1;
-  }
-  logit_rows.push_back(tip_row);
-  const int64_t tip_end = (*tip_or)->end_position();
-  std::vector<int32_t> draft_row(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t seg = static_cast<int32_t>(seg_slots.size());
-    seg_slots.push_back({draft_slot(i)});
-    segments.push_back({parents[i] < 0 ? tip_seg : tip_seg + 1 + parents[i], {}});
-    tokens.push_back(draft[i]);
-    positions.push_back(tip_end + depth[i] - 1);
-    kv_slots.push_back(draft_slot(i));
-    queries.push_back({seg, 1});
-    draft_row[i] = static_cast<int32_t>(logit_rows.size());
-    logit_rows.push_back(static_cast<int32_t>(tokens.size()) - 1);
-  }
-  for (size_t i = 0; i < segments.size(); ++i) segments[i].slots = seg_slots[i];
-
-  s = planner_.Plan(segments, queries, &plan_);
-  std::vector<float> logits;
-  if (s.ok()) {
-    LlamaModel::StepInput step{tokens, positions, kv_slots, logit_rows};
-    s = model_->ForwardStep(step, *pool_, plan_, &logits);
-  }
-  if (!s.ok()) return s;
-  ++stats_.steps;
-  stats_.tokens_fed += static_cast<int64_t>(tokens.size());
-  stats_.kv_bytes_read += plan_.kv_bytes_read;
-  stats_.kv_bytes_floor += plan_.kv_bytes_floor;
-  for (const auto& [id, count] : marked) (void)cache_->MarkComputed(tree, id, count);
-
   // Walk the draft tree.
-  const int64_t vocab = c.vocab_size;
+  const int64_t vocab = model_->config().vocab_size;
+  const int64_t n = static_cast<int64_t>(job.draft.size());
   std::vector<int32_t> history;
+  const std::vector<const TreeNode*> path = *cache_->Path(job.tree, job.node);
   for (const TreeNode* nd : path)
     history.insert(history.end(), nd->tokens.begin(), nd->tokens.end());
-  Sampler sampler(params, history);
+  Sampler sampler(job.params, history);
   VerifyResult result;
-  int32_t row = 0, at = -1;
+  int32_t row = rider.tip_logits, at = -1;
   while (true) {
     std::span<const float> lg(logits.data() + static_cast<size_t>(row) * vocab,
                               static_cast<size_t>(vocab));
@@ -771,7 +773,7 @@ absl::StatusOr<VerifyResult> TreeEngine::Verify(TreeId tree, NodeId node,
     result.logprobs.push_back(t.logprob);
     int32_t next = -1;
     for (int64_t i = 0; i < n; ++i) {
-      if (parents[i] == at && draft[i] == t.id) {
+      if (job.parents[i] == at && job.draft[i] == t.id) {
         next = static_cast<int32_t>(i);
         break;
       }
@@ -779,25 +781,25 @@ absl::StatusOr<VerifyResult> TreeEngine::Verify(TreeId tree, NodeId node,
     if (next < 0) break;
     result.accepted.push_back(next);
     at = next;
-    row = draft_row[next];
+    row = rider.draft_logits[next];
   }
 
   // Commit: accepted tokens with their KV copied from the draft slots; the bonus stays pending.
-  s = cache_->Extend(tree, node, result.tokens);
+  absl::Status s = cache_->Extend(job.tree, job.node, result.tokens);
   if (!s.ok()) return s;
   const int64_t n_acc = static_cast<int64_t>(result.accepted.size());
   if (n_acc > 0) {
-    auto dst = cache_->ReserveSlots(tree, node, n_acc);
+    auto dst = cache_->ReserveSlots(job.tree, job.node, n_acc);
     if (dst.ok()) {
       const int64_t kv_dim = pool_->kv_dim();
-      for (int64_t l = 0; l < c.num_layers; ++l) {
+      for (int64_t l = 0; l < model_->config().num_layers; ++l) {
         for (int64_t i = 0; i < n_acc; ++i) {
           const int32_t src = draft_slot(result.accepted[i]);
           std::memcpy(pool_->k(l, (*dst)[i]), pool_->k(l, src), kv_dim * sizeof(float));
           std::memcpy(pool_->v(l, (*dst)[i]), pool_->v(l, src), kv_dim * sizeof(float));
         }
       }
-      (void)cache_->MarkComputed(tree, node, n_acc);
+      (void)cache_->MarkComputed(job.tree, job.node, n_acc);
     }
     // Without room to copy, the accepted tokens simply stay pending and are recomputed.
   }
@@ -805,47 +807,26 @@ absl::StatusOr<VerifyResult> TreeEngine::Verify(TreeId tree, NodeId node,
 }
 
 absl::Status TreeEngine::ComputePendingLocked(TreeId tree, NodeId node) {
-  const int32_t bt = pool_->block_tokens();
-  auto path_or = cache_->Path(tree, node);
-  if (!path_or.ok()) return path_or.status();
-  const std::vector<const TreeNode*>& path = *path_or;
-  const TreeNode* nd = path.back();
-  const int64_t pending = nd->length() - nd->num_computed;
+  auto n = cache_->GetNode(tree, node);
+  if (!n.ok()) return n.status();
+  const int64_t pending = (*n)->length() - (*n)->num_computed;
   if (pending == 0) return absl::OkStatus();
   auto reserved = cache_->ReserveSlots(tree, node, pending);
   if (!reserved.ok()) return reserved.status();
-  std::vector<std::vector<int32_t>> seg_slots;
-  std::vector<PlanSegment> segments;
-  for (const TreeNode* p : path) {
-    std::vector<int32_t> slots;
-    for (int64_t i = 0; i < p->num_computed; ++i) slots.push_back(TreeKvCache::SlotOf(*p, i, bt));
-    if (p == nd) slots.insert(slots.end(), reserved->begin(), reserved->end());
-    segments.push_back({static_cast<int32_t>(seg_slots.size()) - 1, {}});
-    seg_slots.push_back(std::move(slots));
-  }
-  for (size_t i = 0; i < segments.size(); ++i) segments[i].slots = seg_slots[i];
-  std::vector<int32_t> tokens;
-  std::vector<int64_t> positions;
-  std::vector<PlanQuery> queries;
-  const int32_t seg = static_cast<int32_t>(segments.size()) - 1;
-  for (int64_t j = 0; j < pending; ++j) {
-    const int64_t idx = nd->num_computed + j;
-    tokens.push_back(nd->tokens[idx]);
-    positions.push_back(nd->start_position + idx);
-    queries.push_back({seg, static_cast<int32_t>(idx + 1)});
-  }
-  absl::Status s = planner_.Plan(segments, queries, &plan_);
+  StepBuilder step(*cache_, pool_->block_tokens());
+  step.Feed(tree, node, *reserved);
   std::vector<float> logits;
-  if (s.ok()) {
-    LlamaModel::StepInput step{tokens, positions, *reserved, {}};
-    s = model_->ForwardStep(step, *pool_, plan_, &logits);
-  }
+  absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits);
   if (!s.ok()) return s;
+  RecordStep(step);
+  return cache_->MarkComputed(tree, node, pending);
+}
+
+void TreeEngine::RecordStep(const StepBuilder& step) {
   ++stats_.steps;
-  stats_.tokens_fed += pending;
+  stats_.tokens_fed += step.num_tokens();
   stats_.kv_bytes_read += plan_.kv_bytes_read;
   stats_.kv_bytes_floor += plan_.kv_bytes_floor;
-  return cache_->MarkComputed(tree, node, pending);
 }
 
 absl::StatusOr<std::vector<float>> TreeEngine::ScoreLeavesLocked(TreeId tree,
@@ -862,72 +843,43 @@ absl::StatusOr<std::vector<float>> TreeEngine::ScoreLeavesLocked(TreeId tree,
       }
     }
   }
-  std::vector<std::vector<int32_t>> seg_slots;
-  std::vector<PlanSegment> segments;
-  absl::flat_hash_map<NodeId, int32_t> seg_of;
-  std::vector<int32_t> tokens, kv_slots, rows;
-  std::vector<int64_t> positions;
-  std::vector<PlanQuery> queries;
+  // Then every leaf in one step: its pending tokens fed (the last one's logits), or its path's
+  // last token as a query-only row.
+  StepBuilder step(*cache_, bt);
   std::vector<std::pair<NodeId, int64_t>> marked;
+  std::vector<int32_t> rows;
   for (NodeId leaf : nodes) {
     auto path = *cache_->Path(tree, leaf);
-    const TreeNode* last_nonempty = nullptr;
-    int32_t parent = -1, last_nonempty_seg = -1;
-    std::vector<int32_t> reserved;
-    for (const TreeNode* n : path) {
-      auto it = seg_of.find(n->id);
-      if (it == seg_of.end()) {
-        std::vector<int32_t> slots;
-        for (int64_t i = 0; i < n->num_computed; ++i)
-          slots.push_back(TreeKvCache::SlotOf(*n, i, bt));
-        if (n->id == leaf && n->num_computed < n->length()) {
-          auto r = cache_->ReserveSlots(tree, leaf, n->length() - n->num_computed);
-          if (!r.ok()) return r.status();
-          reserved = std::move(*r);
-          slots.insert(slots.end(), reserved.begin(), reserved.end());
-          marked.push_back({leaf, n->length() - n->num_computed});
-        }
-        it = seg_of.emplace(n->id, static_cast<int32_t>(seg_slots.size())).first;
-        seg_slots.push_back(std::move(slots));
-        segments.push_back({parent, {}});
-      }
-      parent = it->second;
-      if (n->length() > 0) {
-        last_nonempty = n;
-        last_nonempty_seg = it->second;
-      }
-    }
     const TreeNode* tip = path.back();
-    if (!reserved.empty()) {
-      for (size_t j = 0; j < reserved.size(); ++j) {
-        const int64_t idx = tip->num_computed + static_cast<int64_t>(j);
-        tokens.push_back(tip->tokens[idx]);
-        positions.push_back(tip->start_position + idx);
-        kv_slots.push_back(reserved[j]);
-        queries.push_back({parent, static_cast<int32_t>(idx + 1)});
-      }
+    const int64_t pending = tip->length() - tip->num_computed;
+    int32_t row;
+    if (pending > 0) {
+      auto r = cache_->ReserveSlots(tree, leaf, pending);
+      if (!r.ok()) return r.status();
+      row = step.Feed(tree, leaf, *r);
+      marked.push_back({leaf, pending});
     } else {
-      tokens.push_back(last_nonempty->tokens.back());
-      positions.push_back(last_nonempty->end_position() - 1);
-      kv_slots.push_back(-1);
-      queries.push_back({last_nonempty_seg, static_cast<int32_t>(last_nonempty->length())});
+      const TreeNode* last_nonempty = nullptr;
+      for (const TreeNode* n : path) {
+        if (n->length() > 0) last_nonempty = n;
+      }
+      row = step.QueryOnly(tree, last_nonempty->id);
     }
-    rows.push_back(static_cast<int32_t>(tokens.size()) - 1);
+    rows.push_back(step.Logits(row));
   }
-  for (size_t i = 0; i < segments.size(); ++i) segments[i].slots = seg_slots[i];
-  absl::Status s = planner_.Plan(segments, queries, &plan_);
   std::vector<float> logits;
-  if (s.ok()) {
-    LlamaModel::StepInput step{tokens, positions, kv_slots, rows};
-    s = model_->ForwardStep(step, *pool_, plan_, &logits);
-  }
+  absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits);
   if (!s.ok()) return s;
-  ++stats_.steps;
-  stats_.tokens_fed += static_cast<int64_t>(tokens.size());
-  stats_.kv_bytes_read += plan_.kv_bytes_read;
-  stats_.kv_bytes_floor += plan_.kv_bytes_floor;
+  RecordStep(step);
   for (const auto& [id, count] : marked) (void)cache_->MarkComputed(tree, id, count);
-  return logits;
+  // One row per leaf, in the order asked (Logits() numbers distinct rows in first-use order).
+  const int64_t vocab = model_->config().vocab_size;
+  std::vector<float> out(nodes.size() * static_cast<size_t>(vocab));
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    std::copy_n(logits.begin() + static_cast<int64_t>(rows[i]) * vocab, vocab,
+                out.begin() + static_cast<int64_t>(i) * vocab);
+  }
+  return out;
 }
 
 absl::StatusOr<BeamSearchResult> TreeEngine::BeamSearch(TreeId tree, NodeId node,

@@ -1,8 +1,9 @@
 // TreeEngine: the thread-safe engine API the server calls. It owns the model, the paged KV pool,
 // the trees, and a scheduler thread that runs continuous-batching steps: each step feeds every
-// active branch tip of every tree its pending token, plus chunks of pending prompts/extensions
-// under a per-step token budget (round-robin across trees), builds the DeFT plan for the chosen
-// attention mode, runs one ForwardStep, samples, and streams tokens to callbacks.
+// active branch tip of every tree its pending token, the draft tokens of waiting speculative
+// verifications (Verify), plus chunks of pending prompts/extensions under a per-step token budget
+// (round-robin across trees), builds one DeFT plan for all of it in the chosen attention mode,
+// runs one ForwardStep, samples, and streams tokens to callbacks.
 //
 // Node semantics are those of TreeKvCache (engine/tree/tree_kv_cache.h): a sampled token is
 // appended to its branch tip as a pending token and its KV is computed by the next step. A
@@ -11,7 +12,14 @@
 //
 // Thread safety: every public method may be called from any thread. Callbacks run on the
 // scheduler thread without the engine lock held; they must not block for long, and may call
-// back into the engine.
+// back into the engine (except Verify, which waits for the scheduler: FAILED_PRECONDITION there).
+//
+// The engine lock is held for a whole step, the model's forward pass included. Releasing it
+// during the forward pass would let Fork split a node whose slots the step is writing (its
+// MarkComputed then lands on the wrong node), Prune/DeleteTree free blocks the step is writing
+// (and the pool hand them to another tree), and BeamSearch run its own steps on the shared
+// planner scratch and plan, so every such operation would first have to wait for (or pin
+// against) the nodes in flight; until that exists, operations arriving during a step wait for it.
 #pragma once
 
 #include <chrono>
@@ -22,6 +30,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -34,6 +43,8 @@
 #include "engine/tree/tree_kv_cache.h"
 
 namespace deft {
+
+class StepBuilder;
 
 struct EngineOptions {
   AttentionMode mode = AttentionMode::kFlatten;
@@ -97,6 +108,10 @@ struct StepStats {
   int64_t tokens_fed = 0;
   int64_t kv_bytes_read = 0;
   int64_t kv_bytes_floor = 0;
+  int64_t verifications = 0;  // Verify calls whose draft a step scored
+  // Of those, the ones whose step also fed other work (another request's decode tips, prefill
+  // chunks or drafts): verification riding in the batched step.
+  int64_t verifications_batched = 0;
 };
 
 class TreeEngine {
@@ -131,10 +146,20 @@ class TreeEngine {
   // model's argmax, otherwise a token is sampled with `params` (exactly the target distribution);
   // when a child carries that token it is accepted and the walk continues from it, otherwise the
   // token is the bonus and the walk ends. The accepted tokens (their KV kept from the
-  // verification step) and the bonus (pending) are appended to `node`. Runs synchronously.
+  // verification step) and the bonus (pending) are appended to `node`.
+  // Synchronous for the caller; the draft is scored by the scheduler, in the same batched step as
+  // other trees' decode tips and prefill chunks (verifications go first in a step, so they are
+  // never starved; the tip's pending tokens and the whole draft ride in one step, the draft over
+  // the token budget when it is the step's first work). Pending tokens above the tip are
+  // prefilled first, in chunks, like a prompt; so are the tip's own when they exceed the budget
+  // (then its last token is recomputed as a query-only row beside the draft). The node is
+  // checked when the call arrives and again when its step is built (the call takes effect
+  // there: a Fork, Extend, Generate or Prune of the node in between is ordered before it).
+  // Verifications of one node are served one per step, in arrival order.
   // Errors: INVALID_ARGUMENT naming the bad draft index (parent out of range, a parent that does
   // not come before its child, a token outside the vocabulary), NOT_FOUND, FAILED_PRECONDITION
-  // (not a leaf, generating), OUT_OF_RANGE (past the context), RESOURCE_EXHAUSTED (pool).
+  // (not a leaf, generating, called from an engine callback), OUT_OF_RANGE (past the context),
+  // RESOURCE_EXHAUSTED (pool), CANCELLED (the engine is being destroyed).
   absl::StatusOr<VerifyResult> Verify(TreeId tree, NodeId node, std::span<const int32_t> tokens,
                                       std::span<const int32_t> parents,
                                       const SamplingParams& params);
@@ -153,6 +178,8 @@ class TreeEngine {
   LlamaModel& model() { return *model_; }
   const EngineOptions& options() const { return options_; }
   StepStats stats() const;
+  // Verify calls waiting for a step (queued, not yet scored).
+  int64_t waiting_verifications() const;
   int64_t free_blocks() const;
   int64_t total_blocks() const;
   int64_t shared_blocks() const;  // blocks referenced more than once
@@ -181,12 +208,40 @@ class TreeEngine {
   struct Event {
     std::function<void()> deliver;
   };
+  // A Verify call waiting for the scheduler (owned by the calling thread, which waits on
+  // verify_cv_ until `result` is set).
+  struct VerifyJob {
+    TreeId tree = 0;
+    NodeId node = kNoNode;
+    std::span<const int32_t> draft, parents;
+    std::vector<int32_t> depth;  // 1 for children of the node
+    SamplingParams params;
+    std::optional<absl::StatusOr<VerifyResult>> result;
+  };
+  // A VerifyJob taking part in the step being built: its draft's temporary KV blocks, whether the
+  // tip's pending tokens are fed in the step, and the logits index of the tip and of each draft
+  // token.
+  struct VerifyRider {
+    VerifyJob* job = nullptr;
+    std::vector<int32_t> temp_blocks;
+    int64_t tip_pending = 0;
+    int32_t tip_logits = -1;
+    std::vector<int32_t> draft_logits;
+    int64_t own_tokens = 0;  // tokens of the step that belong to this verification
+  };
 
   TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& options);
   void SchedulerLoop();
   // Builds and runs one step; returns false when there was nothing to do.
   bool RunStep(std::vector<Event>* events);
   void FinishBranch(Generation& g, Branch& b, FinishReason reason, std::vector<Event>* events);
+  // The node checks of Verify (NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE). REQUIRES: mu_ held.
+  absl::Status CheckVerifyTargetLocked(const VerifyJob& job) const;
+  // Walks the draft over the step's logits and commits the result to the tree; releases the
+  // rider's temporary blocks. REQUIRES: mu_ held.
+  absl::StatusOr<VerifyResult> CommitVerifyLocked(VerifyRider& rider,
+                                                  const std::vector<float>& logits);
+  void FinishVerifyLocked(VerifyJob& job, absl::StatusOr<VerifyResult> result);
   bool NodeIsGenerating(TreeId tree, NodeId node) const;
   // Computes every pending token of `node` in one step (its ancestors must be computed).
   // REQUIRES: mu_ held.
@@ -194,6 +249,8 @@ class TreeEngine {
   // Logits of the token after each of the distinct leaves `nodes` ([nodes.size(), vocab]),
   // computing their pending tokens (and their ancestors') first. REQUIRES: mu_ held.
   absl::StatusOr<std::vector<float>> ScoreLeavesLocked(TreeId tree, std::span<const NodeId> nodes);
+  // Counts a step that ran (stats_, from plan_). REQUIRES: mu_ held.
+  void RecordStep(const StepBuilder& step);
 
   std::unique_ptr<LlamaModel> model_;
   EngineOptions options_;
@@ -207,6 +264,8 @@ class TreeEngine {
   bool stop_ = false;
   int64_t next_generation_ = 1;
   absl::flat_hash_map<int64_t, std::unique_ptr<Generation>> generations_;
+  std::deque<VerifyJob*> verifies_;  // waiting, in arrival order
+  std::condition_variable verify_cv_;
   size_t round_robin_ = 0;  // rotates which tree's prefill goes first
   StepStats stats_;
   std::thread scheduler_;
