@@ -25,13 +25,16 @@ void SetServing(grpc::Server& server, bool serving) {
 }  // namespace
 
 std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::string path,
-                                                                           bool exact) {
-  return [path, exact]() -> absl::StatusOr<std::unique_ptr<LlamaModel>> {
+                                                                           bool exact,
+                                                                           int num_threads) {
+  return [path, exact, num_threads]() -> absl::StatusOr<std::unique_ptr<LlamaModel>> {
     LoadOptions options;
     options.dequantize_to_f32 = exact;
     auto loaded = deft::LoadModel(path, options);
     if (!loaded.ok()) return loaded.status();
-    return LlamaModel::Create(std::move(*loaded), {});
+    ModelOptions model_options;
+    model_options.num_threads = num_threads;
+    return LlamaModel::Create(std::move(*loaded), model_options);
   };
 }
 
@@ -77,6 +80,7 @@ absl::StatusOr<std::unique_ptr<DeftServer>> DeftServer::Start(ServerOptions opti
   s->state_ = std::make_shared<ServingState>(o.attention_mode, limits, authorize, o.metrics);
   *state_slot = s->state_.get();
   if (o.api_keys != nullptr) s->state_->SetApiKeys(o.api_keys);
+  if (o.token_observer) s->state_->SetTokenObserver(o.token_observer);
   s->tree_service_ = std::make_unique<TreeServiceImpl>(s->state_);
   s->model_service_ = std::make_unique<ModelServiceImpl>(s->state_);
 

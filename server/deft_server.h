@@ -43,11 +43,14 @@ struct ServerOptions {
   // When set (and `authorize` is not), calls are admitted by API key: see ApiKeyAuthorizer.
   std::shared_ptr<const ApiKeys> api_keys;
   ServerMetrics* metrics = nullptr;  // not owned; must outlive the server. null: none
+  TokenObserver token_observer;      // bench/test hook (serving_state.h). null: none
 };
 
-// A loader for ServerOptions::load_model: the GGUF file or Hugging Face directory at `path`.
+// A loader for ServerOptions::load_model: the GGUF file or Hugging Face directory at `path`;
+// the model computes on `num_threads` threads (0: one per core).
 std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::string path,
-                                                                           bool exact);
+                                                                           bool exact,
+                                                                           int num_threads = 0);
 
 // Admits calls by API key (server/auth.h): the "authorization: Bearer <secret>" metadata names
 // the key, whose id owns the caller's trees; a read-only key may call only GetTree, ListTrees and

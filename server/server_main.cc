@@ -37,6 +37,7 @@ ABSL_FLAG(std::string, model, DefaultModelPath(),
           "GGUF file or Hugging Face model directory (default: $DEFT_MODEL or the cached "
           "SmolLM2-135M-Instruct)");
 ABSL_FLAG(bool, exact, false, "Dequantize the weights to fp32 at load");
+ABSL_FLAG(int32_t, threads, 0, "Threads the model computes on (0: one per core)");
 ABSL_FLAG(std::string, attention_mode, "flatten", "Attention mode: seq, tree, node or flatten");
 ABSL_FLAG(int64_t, kv_pool_mb, 512, "KV pool size in MiB");
 ABSL_FLAG(int32_t, step_token_budget, 512, "Tokens fed per scheduler step");
@@ -118,8 +119,8 @@ int main(int argc, char** argv) {
     if (!keys.ok()) return Fail("--api_keys: " + std::string(keys.status().message()));
     options.api_keys = std::make_shared<const deft::ApiKeys>(std::move(*keys));
   }
-  options.load_model =
-      deft::server::ModelFromPath(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_exact));
+  options.load_model = deft::server::ModelFromPath(
+      absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_exact), absl::GetFlag(FLAGS_threads));
 
   // Block the shutdown signals in every thread (gRPC's included); one thread waits for them.
   sigset_t signals;

@@ -30,6 +30,11 @@ namespace deft::server {
 using AuthorizeFn = std::function<grpc::Status(const grpc::CallbackServerContext& context,
                                                const std::string& method, std::string* owner)>;
 
+// Bench/test hook: called on the engine's scheduler thread when a Generate stream receives a
+// token from the engine, before the server builds, queues and writes its event (so a client's
+// receive time minus this call's time is the server's per-token overhead; bench/server_load).
+using TokenObserver = std::function<void(TreeId tree, NodeId node)>;
+
 class ServingState {
  public:
   struct Ready {
@@ -98,6 +103,9 @@ class ServingState {
   }
   const std::string& attention_mode() const { return attention_mode_; }
   ServerMetrics* metrics() const { return metrics_; }
+  // Set before serving (not synchronized with running streams).
+  void SetTokenObserver(TokenObserver observer) { token_observer_ = std::move(observer); }
+  const TokenObserver& token_observer() const { return token_observer_; }
   // Counts one finished RPC in deft_requests_total (no-op without metrics).
   void RecordRequest(const std::string& method, grpc::StatusCode code) const {
     if (metrics_ != nullptr) metrics_->RecordRequest(method, StatusCodeName(code));
@@ -129,6 +137,7 @@ class ServingState {
   absl::flat_hash_map<std::pair<TreeId, NodeId>, int> generating_;
   AuthorizeFn authorize_;
   ServerMetrics* metrics_;
+  TokenObserver token_observer_;
   std::shared_ptr<const ApiKeys> api_keys_;
   TreeRegistry registry_;
   QuotaLedger quotas_;

@@ -15,16 +15,6 @@ namespace {
 
 namespace pb = deft::v1;
 
-// Finishes a unary call and counts it under `method`.
-grpc::ServerUnaryReactor* Answer(const ServingState& state, const char* method,
-                                 grpc::CallbackServerContext* context, const absl::Status& s) {
-  grpc::ServerUnaryReactor* r = context->DefaultReactor();
-  grpc::Status status = ToGrpcStatus(s);
-  state.RecordRequest(method, status.error_code());
-  r->Finish(status);
-  return r;
-}
-
 // The caller's engine tree and the ready engine.
 struct Resolved {
   ServingState::Call ready;
@@ -186,12 +176,15 @@ absl::StatusOr<std::vector<int32_t>> TokensOfText(const TreeEngine& engine,
 // after that (OnDone).
 class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> {
  public:
-  GenerateStream(std::shared_ptr<ServingState> state, grpc::CallbackServerContext* context,
-                 const pb::GenerateRequest* request)
+  // Start runs on `work` (it waits for the engine's lock); the call's context and request stay
+  // valid until it finishes, which cannot happen before Start has.
+  GenerateStream(std::shared_ptr<ServingState> state, WorkQueue& work, WorkQueue& writer,
+                 grpc::CallbackServerContext* context, const pb::GenerateRequest* request)
       : core_(std::make_shared<Core>()) {
     core_->reactor = this;
     core_->state = std::move(state);
-    Start(*context, *request);
+    core_->writer = &writer;
+    work.Post([core = core_, context, request] { Start(core, *context, *request); });
   }
 
   void OnWriteDone(bool ok) override {
@@ -218,6 +211,9 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     std::mutex mu;
     GenerateStream* reactor = nullptr;  // null once Finish was called
     std::shared_ptr<ServingState> state;
+    // Where events queued by the engine's callbacks are written from (see PushLocked).
+    WorkQueue* writer = nullptr;
+    bool pump_posted = false;  // a PumpLocked is queued on `writer`
     std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
     std::chrono::system_clock::time_point call_deadline =
         std::chrono::system_clock::time_point::max();
@@ -247,10 +243,19 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
       if (generation < 0 || engine_done) return;
       if (auto e = engine.lock()) e->Cancel(generation);
     }
-    void PushLocked(pb::GenerateEvent event) {
+    // Called on the engine's scheduler thread: queues the event and leaves the write (the
+    // gRPC write path costs tens of microseconds per message) to the writer thread, so the
+    // engine can start its next step; while a write is in flight, OnWriteDone takes the next.
+    void PushLocked(pb::GenerateEvent event, const std::shared_ptr<Core>& self) {
       if (reactor == nullptr || broken) return;
       queue.push_back(std::move(event));
-      PumpLocked();
+      if (writing || pump_posted) return;
+      pump_posted = true;
+      writer->Post([self] {
+        std::lock_guard<std::mutex> lock(self->mu);
+        self->pump_posted = false;
+        self->PumpLocked();
+      });
     }
     // Writes the next event, or finishes once the engine is done and the queue is drained.
     void PumpLocked() {
@@ -282,19 +287,22 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     }
   };
 
-  void FinishNow(const absl::Status& s) {
-    std::lock_guard<std::mutex> lock(core_->mu);
-    core_->engine_done = true;
-    core_->engine_status = s;
-    core_->PumpLocked();
+  // Not members' work: the reactor may be gone once the stream has finished; `core` is not.
+  static void FinishNow(const std::shared_ptr<Core>& core, const absl::Status& s) {
+    std::lock_guard<std::mutex> lock(core->mu);
+    core->engine_done = true;
+    core->engine_status = s;
+    core->PumpLocked();
   }
 
-  void Start(const grpc::CallbackServerContext& context, const pb::GenerateRequest& request) {
-    Core& c = *core_;
+  static void Start(const std::shared_ptr<Core>& core_ref,
+                    const grpc::CallbackServerContext& context,
+                    const pb::GenerateRequest& request) {
+    Core& c = *core_ref;
     auto resolved = Resolve(*c.state, context, "Generate", request.tree_id());
-    if (!resolved.ok()) return FinishNow(resolved.status());
+    if (!resolved.ok()) return FinishNow(core_ref, resolved.status());
     auto branches = ToBranches(request, resolved->ready.limits);
-    if (!branches.ok()) return FinishNow(branches.status());
+    if (!branches.ok()) return FinishNow(core_ref, branches.status());
     std::shared_ptr<TreeEngine> engine = resolved->ready.engine;
     c.engine = engine;
     c.tree = resolved->tree;
@@ -302,8 +310,8 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     for (size_t i = 0; i < branches->size(); ++i) {
       auto n = GetNode(*engine, c.tree, c.tree_id, (*branches)[i].node);
       if (!n.ok()) {
-        return FinishNow(
-            absl::NotFoundError(absl::StrCat("branches[", i, "].node_id: ", n.status().message())));
+        return FinishNow(core_ref, absl::NotFoundError(absl::StrCat(
+                                       "branches[", i, "].node_id: ", n.status().message())));
       }
       c.prompt_tokens[n->id] = n->end_position();
     }
@@ -313,15 +321,16 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     if (call.has_usage_quota() && call.key->max_kv_blocks.has_value()) {
       quota_lock = LockQuota(*c.state, call);
       auto capped = CapToKvQuota(*c.state, call, c.tree, *branches);
-      if (!capped.ok()) return FinishNow(capped.status());
+      if (!capped.ok()) return FinishNow(core_ref, capped.status());
       c.kv_capped = std::move(*capped);
       c.quota_targets = true;
     }
 
     GenerateCallbacks cb;
-    std::shared_ptr<Core> core = core_;
+    std::shared_ptr<Core> core = core_ref;
     const Tokenizer* tok = &engine->model().tokenizer();
     cb.on_token = [core, tok](NodeId node, const SampledToken& t, std::string_view text) {
+      if (const TokenObserver& observe = core->state->token_observer()) observe(core->tree, node);
       pb::GenerateEvent e;
       pb::TokenEvent* te = e.mutable_token();
       te->set_node_id(node);
@@ -335,7 +344,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
         a->set_text(RepairUtf8(tok->TokenBytes(alt.id)));
       }
       std::lock_guard<std::mutex> lock(core->mu);
-      core->PushLocked(std::move(e));
+      core->PushLocked(std::move(e), core);
     };
     cb.on_finish = [core](NodeId node, FinishReason reason, const BranchUsage& usage) {
       core->state->SetGenerating(core->tree, node, false);
@@ -359,7 +368,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
       fe->mutable_usage()->set_time_to_first_token_seconds(usage.time_to_first_token_s);
       std::lock_guard<std::mutex> lock(core->mu);
       if (reason == FinishReason::kDeadlineExceeded) core->deadline_exceeded = true;
-      core->PushLocked(std::move(e));
+      core->PushLocked(std::move(e), core);
     };
     cb.on_done = [core](const absl::Status& s) {
       core->state->registry().Release(core->tree_id);
@@ -388,7 +397,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
       }
       c.state->registry().Release(c.tree_id);
       if (ServerMetrics* m = c.state->metrics()) m->AddActiveBranches(-num_branches);
-      return FinishNow(generation.status());
+      return FinishNow(core_ref, generation.status());
     }
     std::lock_guard<std::mutex> lock(c.mu);
     c.generation = *generation;
@@ -466,251 +475,267 @@ absl::Status BeamSearchNow(ServingState& state, const grpc::CallbackServerContex
 
 }  // namespace
 
+grpc::ServerUnaryReactor* TreeServiceImpl::Deferred(grpc::CallbackServerContext* context,
+                                                    const char* method,
+                                                    std::function<absl::Status()> work) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // The state outlives work_ (declared before it), so a raw pointer is safe here.
+  work_.Post([state = state_.get(), method, reactor, work = std::move(work)] {
+    grpc::Status status = ToGrpcStatus(work());
+    state->RecordRequest(method, status.error_code());
+    reactor->Finish(status);
+  });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* TreeServiceImpl::CreateTree(grpc::CallbackServerContext* context,
                                                       const pb::CreateTreeRequest* request,
                                                       pb::CreateTreeResponse* response) {
-  auto ready = state_->Begin(*context, "CreateTree");
-  if (!ready.ok()) return Answer(*state_, "CreateTree", context, ready.status());
-  const TreeEngine& engine = *ready->engine;
-  const RequestLimits& limits = ready->limits;
-  std::vector<int32_t> prompt;
-  switch (request->prompt_case()) {
-    case pb::CreateTreeRequest::kText: {
-      auto t = TokensOfText(engine, "text", request->text(), /*add_bos=*/true);
-      if (!t.ok()) return Answer(*state_, "CreateTree", context, t.status());
-      prompt = std::move(*t);
-      break;
-    }
-    case pb::CreateTreeRequest::kTokens: {
-      const auto& ids = request->tokens().ids();
-      absl::Status s = CheckTokenIds("tokens.ids", AsSpan(ids), limits.vocab_size);
-      if (!s.ok()) return Answer(*state_, "CreateTree", context, s);
-      prompt.assign(ids.begin(), ids.end());
-      break;
-    }
-    case pb::CreateTreeRequest::kMessages: {
-      std::vector<ChatMessage> messages;
-      for (int i = 0; i < request->messages().messages_size(); ++i) {
-        const pb::ChatMessage& m = request->messages().messages(i);
-        const std::string field = absl::StrFormat("messages.messages[%d]", i);
-        if (m.role() != "system" && m.role() != "user" && m.role() != "assistant") {
-          return Answer(*state_, "CreateTree", context,
-                        absl::InvalidArgumentError(
-                            absl::StrCat(field, ".role must be system, user or assistant, got \"",
-                                         RepairUtf8(m.role()), "\"")));
+  return Deferred(context, "CreateTree", [=, this]() -> absl::Status {
+    auto ready = state_->Begin(*context, "CreateTree");
+    if (!ready.ok()) return ready.status();
+    const TreeEngine& engine = *ready->engine;
+    const RequestLimits& limits = ready->limits;
+    std::vector<int32_t> prompt;
+    switch (request->prompt_case()) {
+      case pb::CreateTreeRequest::kText: {
+        auto t = TokensOfText(engine, "text", request->text(), /*add_bos=*/true);
+        if (!t.ok()) return t.status();
+        prompt = std::move(*t);
+        break;
+      }
+      case pb::CreateTreeRequest::kTokens: {
+        const auto& ids = request->tokens().ids();
+        absl::Status s = CheckTokenIds("tokens.ids", AsSpan(ids), limits.vocab_size);
+        if (!s.ok()) return s;
+        prompt.assign(ids.begin(), ids.end());
+        break;
+      }
+      case pb::CreateTreeRequest::kMessages: {
+        std::vector<ChatMessage> messages;
+        for (int i = 0; i < request->messages().messages_size(); ++i) {
+          const pb::ChatMessage& m = request->messages().messages(i);
+          const std::string field = absl::StrFormat("messages.messages[%d]", i);
+          if (m.role() != "system" && m.role() != "user" && m.role() != "assistant") {
+            return absl::InvalidArgumentError(
+                absl::StrCat(field, ".role must be system, user or assistant, got \"",
+                             RepairUtf8(m.role()), "\""));
+          }
+          absl::Status s = CheckUtf8(field + ".content", m.content());
+          if (!s.ok()) return s;
+          messages.push_back({m.role(), m.content()});
         }
-        absl::Status s = CheckUtf8(field + ".content", m.content());
-        if (!s.ok()) return Answer(*state_, "CreateTree", context, s);
-        messages.push_back({m.role(), m.content()});
+        const bool add_generation_prompt =
+            !request->has_add_generation_prompt() || request->add_generation_prompt();
+        const Tokenizer& tok = ready->engine->model().tokenizer();
+        auto rendered = tok.ApplyChatTemplate(messages, add_generation_prompt);
+        if (!rendered.ok()) {
+          return absl::Status(rendered.status().code(),
+                              absl::StrCat("messages: ", rendered.status().message()));
+        }
+        prompt = tok.Encode(*rendered, /*add_bos=*/false, /*parse_special=*/true);
+        break;
       }
-      const bool add_generation_prompt =
-          !request->has_add_generation_prompt() || request->add_generation_prompt();
-      const Tokenizer& tok = ready->engine->model().tokenizer();
-      auto rendered = tok.ApplyChatTemplate(messages, add_generation_prompt);
-      if (!rendered.ok()) {
-        return Answer(*state_, "CreateTree", context,
-                      absl::Status(rendered.status().code(),
-                                   absl::StrCat("messages: ", rendered.status().message())));
-      }
-      prompt = tok.Encode(*rendered, /*add_bos=*/false, /*parse_special=*/true);
-      break;
+      case pb::CreateTreeRequest::PROMPT_NOT_SET:
+        return absl::InvalidArgumentError("prompt: one of text, tokens or messages is required");
     }
-    case pb::CreateTreeRequest::PROMPT_NOT_SET:
-      return Answer(
-          *state_, "CreateTree", context,
-          absl::InvalidArgumentError("prompt: one of text, tokens or messages is required"));
-  }
-  if (prompt.empty())
-    return Answer(*state_, "CreateTree", context,
-                  absl::InvalidArgumentError("prompt: it is empty"));
-  absl::Status len = CheckPromptLength(static_cast<int64_t>(prompt.size()), limits.context_length);
-  if (!len.ok()) return Answer(*state_, "CreateTree", context, len);
-  std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, *ready);
-  if (ready->has_usage_quota()) {
-    const QuotaUsage add{
-        1, BlocksFor(0, static_cast<int64_t>(prompt.size()), engine.options().block_tokens)};
-    absl::Status q = CheckUsage(*ready, UsageOf(*state_, *ready), add);
-    if (!q.ok()) return Answer(*state_, "CreateTree", context, q);
-  }
-  auto tree = ready->engine->CreateTree(prompt);
-  if (!tree.ok()) return Answer(*state_, "CreateTree", context, tree.status());
-  NodeId root = kNoNode;
-  engine.WithTrees([&](const TreeKvCache& cache) { root = cache.root(*tree); });
-  response->set_tree_id(state_->registry().Add(*tree, ready->owner));
-  response->set_root_node_id(root);
-  response->set_prompt_tokens(static_cast<int32_t>(prompt.size()));
-  return Answer(*state_, "CreateTree", context, absl::OkStatus());
+    if (prompt.empty()) return absl::InvalidArgumentError("prompt: it is empty");
+    absl::Status len =
+        CheckPromptLength(static_cast<int64_t>(prompt.size()), limits.context_length);
+    if (!len.ok()) return len;
+    std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, *ready);
+    if (ready->has_usage_quota()) {
+      const QuotaUsage add{
+          1, BlocksFor(0, static_cast<int64_t>(prompt.size()), engine.options().block_tokens)};
+      absl::Status q = CheckUsage(*ready, UsageOf(*state_, *ready), add);
+      if (!q.ok()) return q;
+    }
+    auto tree = ready->engine->CreateTree(prompt);
+    if (!tree.ok()) return tree.status();
+    NodeId root = kNoNode;
+    engine.WithTrees([&](const TreeKvCache& cache) { root = cache.root(*tree); });
+    response->set_tree_id(state_->registry().Add(*tree, ready->owner));
+    response->set_root_node_id(root);
+    response->set_prompt_tokens(static_cast<int32_t>(prompt.size()));
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::Fork(grpc::CallbackServerContext* context,
                                                 const pb::ForkRequest* request,
                                                 pb::ForkResponse* response) {
-  auto r = Resolve(*state_, *context, "Fork", request->tree_id());
-  if (!r.ok()) return Answer(*state_, "Fork", context, r.status());
-  TreeEngine& engine = *r->ready.engine;
-  if (request->count() < 1 || request->count() > TreeKvCache::kMaxForkCount) {
-    return Answer(
-        *state_, "Fork", context,
-        absl::InvalidArgumentError(absl::StrFormat("count must be in [1, %d], got %d",
-                                                   TreeKvCache::kMaxForkCount, request->count())));
-  }
-  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(*state_, "Fork", context, node.status());
-  if (request->offset() < 0 || request->offset() > node->length()) {
-    return Answer(*state_, "Fork", context,
-                  absl::OutOfRangeError(
-                      absl::StrFormat("offset %d is outside node %d, which has %d tokens",
-                                      request->offset(), request->node_id(), node->length())));
-  }
-  std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, r->ready);
-  if (r->ready.has_usage_quota()) {
-    // A split adds its head node, and a copy-on-write when the node still has tokens to compute.
-    const bool split = request->offset() > 0 && request->offset() < node->length();
-    const QuotaUsage add{request->count() + (split ? 1 : 0),
-                         split && node->num_computed < node->length() ? 1 : 0};
-    absl::Status q = CheckUsage(r->ready, UsageOf(*state_, r->ready), add);
-    if (!q.ok()) return Answer(*state_, "Fork", context, q);
-  }
-  auto children = engine.Fork(r->tree, request->node_id(), request->offset(), request->count());
-  if (!children.ok()) return Answer(*state_, "Fork", context, children.status());
-  for (NodeId c : *children) response->add_node_ids(c);
-  auto child = GetNode(engine, r->tree, request->tree_id(), children->front());
-  if (child.ok()) response->set_parent_node_id(child->parent);
-  return Answer(*state_, "Fork", context, absl::OkStatus());
+  return Deferred(context, "Fork", [=, this]() -> absl::Status {
+    auto r = Resolve(*state_, *context, "Fork", request->tree_id());
+    if (!r.ok()) return r.status();
+    TreeEngine& engine = *r->ready.engine;
+    if (request->count() < 1 || request->count() > TreeKvCache::kMaxForkCount) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "count must be in [1, %d], got %d", TreeKvCache::kMaxForkCount, request->count()));
+    }
+    auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+    if (!node.ok()) return node.status();
+    if (request->offset() < 0 || request->offset() > node->length()) {
+      return absl::OutOfRangeError(
+          absl::StrFormat("offset %d is outside node %d, which has %d tokens", request->offset(),
+                          request->node_id(), node->length()));
+    }
+    std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, r->ready);
+    if (r->ready.has_usage_quota()) {
+      // A split adds its head node, and a copy-on-write when the node still has tokens to compute.
+      const bool split = request->offset() > 0 && request->offset() < node->length();
+      const QuotaUsage add{request->count() + (split ? 1 : 0),
+                           split && node->num_computed < node->length() ? 1 : 0};
+      absl::Status q = CheckUsage(r->ready, UsageOf(*state_, r->ready), add);
+      if (!q.ok()) return q;
+    }
+    auto children = engine.Fork(r->tree, request->node_id(), request->offset(), request->count());
+    if (!children.ok()) return children.status();
+    for (NodeId c : *children) response->add_node_ids(c);
+    auto child = GetNode(engine, r->tree, request->tree_id(), children->front());
+    if (child.ok()) response->set_parent_node_id(child->parent);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::Extend(grpc::CallbackServerContext* context,
                                                   const pb::ExtendRequest* request,
                                                   pb::ExtendResponse* response) {
-  auto r = Resolve(*state_, *context, "Extend", request->tree_id());
-  if (!r.ok()) return Answer(*state_, "Extend", context, r.status());
-  TreeEngine& engine = *r->ready.engine;
-  std::vector<int32_t> tokens;
-  if (request->has_text()) {
-    auto t = TokensOfText(engine, "text", request->text(), /*add_bos=*/false);
-    if (!t.ok()) return Answer(*state_, "Extend", context, t.status());
-    tokens = std::move(*t);
-  } else if (request->has_tokens()) {
-    absl::Status s =
-        CheckTokenIds("tokens.ids", AsSpan(request->tokens().ids()), r->ready.limits.vocab_size);
-    if (!s.ok()) return Answer(*state_, "Extend", context, s);
-    tokens.assign(request->tokens().ids().begin(), request->tokens().ids().end());
-  } else {
-    return Answer(*state_, "Extend", context,
-                  absl::InvalidArgumentError("content: one of text or tokens is required"));
-  }
-  auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(*state_, "Extend", context, node.status());
-  std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, r->ready);
-  if (r->ready.has_usage_quota()) {
-    const QuotaUsage now = UsageOf(*state_, r->ready);
-    const QuotaUsage after =
-        UsageOf(*state_, r->ready,
-                {{{r->tree, node->id}, node->length() + static_cast<int64_t>(tokens.size())}});
-    absl::Status q = CheckUsage(r->ready, now, QuotaUsage{0, after.kv_blocks - now.kv_blocks});
-    if (!q.ok()) return Answer(*state_, "Extend", context, q);
-  }
-  absl::Status s = engine.Extend(r->tree, request->node_id(), tokens);
-  if (!s.ok()) return Answer(*state_, "Extend", context, s);
-  node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(*state_, "Extend", context, node.status());
-  response->set_node_tokens(static_cast<int32_t>(node->length()));
-  return Answer(*state_, "Extend", context, absl::OkStatus());
+  return Deferred(context, "Extend", [=, this]() -> absl::Status {
+    auto r = Resolve(*state_, *context, "Extend", request->tree_id());
+    if (!r.ok()) return r.status();
+    TreeEngine& engine = *r->ready.engine;
+    std::vector<int32_t> tokens;
+    if (request->has_text()) {
+      auto t = TokensOfText(engine, "text", request->text(), /*add_bos=*/false);
+      if (!t.ok()) return t.status();
+      tokens = std::move(*t);
+    } else if (request->has_tokens()) {
+      absl::Status s =
+          CheckTokenIds("tokens.ids", AsSpan(request->tokens().ids()), r->ready.limits.vocab_size);
+      if (!s.ok()) return s;
+      tokens.assign(request->tokens().ids().begin(), request->tokens().ids().end());
+    } else {
+      return absl::InvalidArgumentError("content: one of text or tokens is required");
+    }
+    auto node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+    if (!node.ok()) return node.status();
+    std::unique_lock<std::mutex> quota_lock = LockQuota(*state_, r->ready);
+    if (r->ready.has_usage_quota()) {
+      const QuotaUsage now = UsageOf(*state_, r->ready);
+      const QuotaUsage after =
+          UsageOf(*state_, r->ready,
+                  {{{r->tree, node->id}, node->length() + static_cast<int64_t>(tokens.size())}});
+      absl::Status q = CheckUsage(r->ready, now, QuotaUsage{0, after.kv_blocks - now.kv_blocks});
+      if (!q.ok()) return q;
+    }
+    absl::Status s = engine.Extend(r->tree, request->node_id(), tokens);
+    if (!s.ok()) return s;
+    node = GetNode(engine, r->tree, request->tree_id(), request->node_id());
+    if (!node.ok()) return node.status();
+    response->set_node_tokens(static_cast<int32_t>(node->length()));
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerWriteReactor<pb::GenerateEvent>* TreeServiceImpl::Generate(
     grpc::CallbackServerContext* context, const pb::GenerateRequest* request) {
-  return new GenerateStream(state_, context, request);
+  return new GenerateStream(state_, work_, writer_, context, request);
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::Prune(grpc::CallbackServerContext* context,
                                                  const pb::PruneRequest* request,
                                                  pb::PruneResponse*) {
-  auto r = Resolve(*state_, *context, "Prune", request->tree_id());
-  if (!r.ok()) return Answer(*state_, "Prune", context, r.status());
-  auto node = GetNode(*r->ready.engine, r->tree, request->tree_id(), request->node_id());
-  if (!node.ok()) return Answer(*state_, "Prune", context, node.status());
-  if (node->parent == kNoNode) {
-    return Answer(*state_, "Prune", context,
-                  absl::FailedPreconditionError(
-                      absl::StrFormat("node %d is the root; delete the tree instead", node->id)));
-  }
-  return Answer(*state_, "Prune", context, r->ready.engine->Prune(r->tree, request->node_id()));
+  return Deferred(context, "Prune", [=, this]() -> absl::Status {
+    auto r = Resolve(*state_, *context, "Prune", request->tree_id());
+    if (!r.ok()) return r.status();
+    auto node = GetNode(*r->ready.engine, r->tree, request->tree_id(), request->node_id());
+    if (!node.ok()) return node.status();
+    if (node->parent == kNoNode) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("node %d is the root; delete the tree instead", node->id));
+    }
+    return r->ready.engine->Prune(r->tree, request->node_id());
+  });
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::GetTree(grpc::CallbackServerContext* context,
                                                    const pb::GetTreeRequest* request,
                                                    pb::Tree* response) {
-  auto r = Resolve(*state_, *context, "GetTree", request->tree_id());
-  if (!r.ok()) return Answer(*state_, "GetTree", context, r.status());
-  const TreeEngine& engine = *r->ready.engine;
-  std::vector<TreeNode> nodes;  // parents before children
-  TreeStats stats;
-  engine.WithTrees([&](const TreeKvCache& cache) {
-    std::vector<NodeId> order = {cache.root(r->tree)};
-    for (size_t i = 0; i < order.size(); ++i) {
-      auto n = cache.GetNode(r->tree, order[i]);
-      if (!n.ok()) continue;
-      nodes.push_back(**n);
-      order.insert(order.end(), (*n)->children.begin(), (*n)->children.end());
+  return Deferred(context, "GetTree", [=, this]() -> absl::Status {
+    auto r = Resolve(*state_, *context, "GetTree", request->tree_id());
+    if (!r.ok()) return r.status();
+    const TreeEngine& engine = *r->ready.engine;
+    std::vector<TreeNode> nodes;  // parents before children
+    TreeStats stats;
+    engine.WithTrees([&](const TreeKvCache& cache) {
+      std::vector<NodeId> order = {cache.root(r->tree)};
+      for (size_t i = 0; i < order.size(); ++i) {
+        auto n = cache.GetNode(r->tree, order[i]);
+        if (!n.ok()) continue;
+        nodes.push_back(**n);
+        order.insert(order.end(), (*n)->children.begin(), (*n)->children.end());
+      }
+      auto s = cache.Stats(r->tree);
+      if (s.ok()) stats = *s;
+    });
+    if (nodes.empty()) {
+      return absl::NotFoundError(UnknownTreeMessage(request->tree_id()));
     }
-    auto s = cache.Stats(r->tree);
-    if (s.ok()) stats = *s;
+    response->set_tree_id(request->tree_id());
+    response->set_root_node_id(nodes.front().id);
+    for (const TreeNode& n : nodes) {
+      pb::Node* out = response->add_nodes();
+      out->set_node_id(n.id);
+      out->set_parent_node_id(n.parent);
+      for (NodeId c : n.children) out->add_children(c);
+      out->set_start_position(n.start_position);
+      out->set_num_tokens(static_cast<int32_t>(n.length()));
+      out->set_num_computed(static_cast<int32_t>(n.num_computed));
+      if (request->include_text()) out->set_text(TextOf(engine, n.tokens));
+      if (request->include_tokens()) {
+        for (int32_t t : n.tokens) out->add_tokens(t);
+      }
+      out->set_generating(state_->IsGenerating(r->tree, n.id));
+    }
+    response->set_kv_blocks(stats.blocks);
+    response->set_unique_tokens(stats.tokens);
+    response->set_sequence_layout_tokens(stats.sequence_layout_tokens);
+    return absl::OkStatus();
   });
-  if (nodes.empty()) {
-    return Answer(*state_, "GetTree", context,
-                  absl::NotFoundError(UnknownTreeMessage(request->tree_id())));
-  }
-  response->set_tree_id(request->tree_id());
-  response->set_root_node_id(nodes.front().id);
-  for (const TreeNode& n : nodes) {
-    pb::Node* out = response->add_nodes();
-    out->set_node_id(n.id);
-    out->set_parent_node_id(n.parent);
-    for (NodeId c : n.children) out->add_children(c);
-    out->set_start_position(n.start_position);
-    out->set_num_tokens(static_cast<int32_t>(n.length()));
-    out->set_num_computed(static_cast<int32_t>(n.num_computed));
-    if (request->include_text()) out->set_text(TextOf(engine, n.tokens));
-    if (request->include_tokens()) {
-      for (int32_t t : n.tokens) out->add_tokens(t);
-    }
-    out->set_generating(state_->IsGenerating(r->tree, n.id));
-  }
-  response->set_kv_blocks(stats.blocks);
-  response->set_unique_tokens(stats.tokens);
-  response->set_sequence_layout_tokens(stats.sequence_layout_tokens);
-  return Answer(*state_, "GetTree", context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::DeleteTree(grpc::CallbackServerContext* context,
                                                       const pb::DeleteTreeRequest* request,
                                                       pb::DeleteTreeResponse*) {
-  auto ready = state_->Begin(*context, "DeleteTree");
-  if (!ready.ok()) return Answer(*state_, "DeleteTree", context, ready.status());
-  auto tree = state_->registry().Remove(request->tree_id(), ready->owner);
-  if (!tree.ok()) return Answer(*state_, "DeleteTree", context, tree.status());
-  return Answer(*state_, "DeleteTree", context, ready->engine->DeleteTree(*tree));
+  return Deferred(context, "DeleteTree", [=, this]() -> absl::Status {
+    auto ready = state_->Begin(*context, "DeleteTree");
+    if (!ready.ok()) return ready.status();
+    auto tree = state_->registry().Remove(request->tree_id(), ready->owner);
+    if (!tree.ok()) return tree.status();
+    return ready->engine->DeleteTree(*tree);
+  });
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::ListTrees(grpc::CallbackServerContext* context,
                                                      const pb::ListTreesRequest*,
                                                      pb::ListTreesResponse* response) {
-  auto ready = state_->Begin(*context, "ListTrees");
-  if (!ready.ok()) return Answer(*state_, "ListTrees", context, ready.status());
-  auto trees = state_->registry().List(ready->owner);
-  std::sort(trees.begin(), trees.end());
-  ready->engine->WithTrees([&](const TreeKvCache& cache) {
-    for (const auto& [id, tree] : trees) {
-      auto s = cache.Stats(tree);
-      if (!s.ok()) continue;
-      pb::TreeSummary* out = response->add_trees();
-      out->set_tree_id(id);
-      out->set_nodes(static_cast<int32_t>(s->nodes));
-      out->set_unique_tokens(s->tokens);
-    }
+  return Deferred(context, "ListTrees", [=, this]() -> absl::Status {
+    auto ready = state_->Begin(*context, "ListTrees");
+    if (!ready.ok()) return ready.status();
+    auto trees = state_->registry().List(ready->owner);
+    std::sort(trees.begin(), trees.end());
+    ready->engine->WithTrees([&](const TreeKvCache& cache) {
+      for (const auto& [id, tree] : trees) {
+        auto s = cache.Stats(tree);
+        if (!s.ok()) continue;
+        pb::TreeSummary* out = response->add_trees();
+        out->set_tree_id(id);
+        out->set_nodes(static_cast<int32_t>(s->nodes));
+        out->set_unique_tokens(s->tokens);
+      }
+    });
+    return absl::OkStatus();
   });
-  return Answer(*state_, "ListTrees", context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* TreeServiceImpl::Verify(grpc::CallbackServerContext* context,

@@ -2,7 +2,10 @@
 // TreeEngine calls on the tree the caller owns.
 //
 // Unary RPCs validate (server/validation.h), resolve the public tree id through the registry
-// (another owner's tree is NOT_FOUND), call the engine and answer. Generate is a server-streaming
+// (another owner's tree is NOT_FOUND), call the engine and answer; that work runs on the
+// service's WorkQueue, never on gRPC's callback threads, because the engine holds its lock for
+// whole scheduler steps (Verify and BeamSearch, which run the model themselves, get a thread
+// each). Generate is a server-streaming
 // reactor fed by the engine's callbacks: they run on the engine's scheduler thread, so they only
 // queue events; the reactor writes one event at a time from the queue. A client cancellation
 // (or a broken stream) cancels the engine generation and ends the stream with CANCELLED; the
@@ -17,6 +20,7 @@
 
 #include "deft/v1/tree_service.grpc.pb.h"
 #include "server/serving_state.h"
+#include "server/work_queue.h"
 
 namespace deft::server {
 
@@ -55,7 +59,17 @@ class TreeServiceImpl final : public deft::v1::TreeService::CallbackService {
                                       deft::v1::ListTreesResponse* response) override;
 
  private:
+  // Threads for handler work that may wait for the engine's lock (work_queue.h).
+  static constexpr int kWorkThreads = 4;
+
+  // Runs `work` on work_ and finishes the call with its status (counted under `method`).
+  grpc::ServerUnaryReactor* Deferred(grpc::CallbackServerContext* context, const char* method,
+                                     std::function<absl::Status()> work);
+
   std::shared_ptr<ServingState> state_;
+  WorkQueue work_{kWorkThreads};
+  // Writes Generate events queued by the engine's callbacks (off its scheduler thread).
+  WorkQueue writer_{1};
 };
 
 }  // namespace deft::server
