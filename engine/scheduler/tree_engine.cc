@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
@@ -27,23 +26,24 @@ absl::StatusOr<std::unique_ptr<TreeEngine>> TreeEngine::Create(std::unique_ptr<L
   if (options.block_tokens < 1) return absl::InvalidArgumentError("block_tokens must be >= 1");
   const LlamaConfig& c = model->config();
   KvPoolShape shape{c.num_layers, c.num_kv_heads, c.head_dim, options.block_tokens};
-  const int64_t blocks = KvBlockPool::BlocksForBytes(shape, options.kv_pool_bytes);
-  auto pool = KvBlockPool::Create(shape, blocks);
+  // The model's pool: host fp32 on the CPU, the step backend's own storage otherwise.
+  auto pool = model->NewKvPool(shape, options.kv_pool_bytes);
   if (!pool.ok()) return pool.status();
-  std::unique_ptr<TreeEngine> e(new TreeEngine(std::move(model), options));
-  e->pool_ = std::move(*pool);
-  e->cache_ = std::make_unique<TreeKvCache>(e->pool_.get());
+  std::unique_ptr<TreeEngine> e(new TreeEngine(std::move(model), options, std::move(*pool)));
   e->scheduler_ = std::thread([p = e.get()] { p->SchedulerLoop(); });
   return e;
 }
 
-TreeEngine::TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& options)
-    : model_(std::move(model)), options_(options), planner_([&] {
+TreeEngine::TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& options,
+                       std::unique_ptr<KvBlockPool> pool)
+    : model_(std::move(model)),
+      options_(options),
+      pool_(std::move(pool)),
+      cache_(std::make_unique<TreeKvCache>(pool_.get())),
+      planner_([&] {
         PlannerOptions p = options.planner;
         p.mode = options.mode;
-        KvPoolShape s{model_->config().num_layers, model_->config().num_kv_heads,
-                      model_->config().head_dim, options.block_tokens};
-        p.bytes_per_kv_token = s.bytes_per_token();
+        p.bytes_per_kv_token = pool_->storage().bytes_per_token();  // what attention reads
         return p;
       }()) {}
 
@@ -791,17 +791,13 @@ absl::StatusOr<VerifyResult> TreeEngine::CommitVerifyLocked(VerifyRider& rider,
   if (n_acc > 0) {
     auto dst = cache_->ReserveSlots(job.tree, job.node, n_acc);
     if (dst.ok()) {
-      const int64_t kv_dim = pool_->kv_dim();
-      for (int64_t l = 0; l < model_->config().num_layers; ++l) {
-        for (int64_t i = 0; i < n_acc; ++i) {
-          const int32_t src = draft_slot(result.accepted[i]);
-          std::memcpy(pool_->k(l, (*dst)[i]), pool_->k(l, src), kv_dim * sizeof(float));
-          std::memcpy(pool_->v(l, (*dst)[i]), pool_->v(l, src), kv_dim * sizeof(float));
-        }
-      }
-      (void)cache_->MarkComputed(job.tree, job.node, n_acc);
+      std::vector<int32_t> src;
+      for (int32_t i : result.accepted) src.push_back(draft_slot(i));
+      // Through the pool's storage, so that it works wherever the KV lives.
+      if (pool_->CopySlots(src, *dst).ok()) (void)cache_->MarkComputed(job.tree, job.node, n_acc);
     }
-    // Without room to copy, the accepted tokens simply stay pending and are recomputed.
+    // Without room to copy (or a failed copy), the accepted tokens simply stay pending and are
+    // recomputed by a later step.
   }
   return result;
 }

@@ -230,7 +230,8 @@ class TreeEngine {
     int64_t own_tokens = 0;  // tokens of the step that belong to this verification
   };
 
-  TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& options);
+  TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& options,
+             std::unique_ptr<KvBlockPool> pool);
   void SchedulerLoop();
   // Builds and runs one step; returns false when there was nothing to do.
   bool RunStep(std::vector<Event>* events);
