@@ -26,8 +26,17 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kSubTokens = 64;  // tokens per sub-tile = bits per mask word
-constexpr int kStages = 3;      // ring depth: 2 sub-tiles in flight while one is computed
+// Tokens per sub-tile (32 or 64; a mask word covers 64) and ring depth (kStages - 1 sub-tiles in
+// flight while one is computed). Overridable at build time for the sweeps in bench/RESULTS.md.
+#ifndef DEFT_ATTN_SUB_TOKENS
+#define DEFT_ATTN_SUB_TOKENS 64
+#endif
+#ifndef DEFT_ATTN_STAGES
+#define DEFT_ATTN_STAGES 3
+#endif
+constexpr int kSubTokens = DEFT_ATTN_SUB_TOKENS;
+constexpr int kStages = DEFT_ATTN_STAGES;
+static_assert(kSubTokens == 32 || kSubTokens == 64, "sub-tile of 32 or 64 tokens");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -260,7 +269,8 @@ __global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
   const int chunk_first = w.x, chunk_len = w.y, entry0 = w.z;
   const int row0 = w.w & 0xffffff, rows = w.w >> 24;
   const int groups = (rows + 15) / 16;
-  const int splits = groups == 1 ? 4 : (groups == 2 ? 2 : 1);
+  constexpr int kMaxSplits = kSubTokens / 16;  // a warp takes at least 16 tokens (one k-step)
+  const int splits = groups == 1 ? kMaxSplits : (groups == 2 ? min(2, kMaxSplits) : 1);
   const int rg = warp / splits, split = warp % splits;
   const bool active = rg < groups;
 
@@ -325,22 +335,25 @@ __global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
     CpAsyncCommit();
     if (!active) continue;
     // Visibility words of rows a and b over this sub-tile.
-    const int left = chunk_len - sub * kSubTokens;
-    const uint64_t in_chunk = left >= 64 ? ~0ull : ((1ull << left) - 1ull);
+    const int tok0 = sub * kSubTokens, left = chunk_len - tok0;
+    const int here = min(left, kSubTokens);  // tokens of this sub-tile inside the chunk
+    const uint64_t in_chunk = here >= 64 ? ~0ull : ((1ull << here) - 1ull);
     uint64_t word[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       word[r] = !valid[r] ? 0ull
-                          : (mask_at[r] < 0 ? in_chunk : p.plan.masks[mask_at[r] + sub] & in_chunk);
+                          : (mask_at[r] < 0
+                                 ? in_chunk
+                                 : (p.plan.masks[mask_at[r] + tok0 / 64] >> (tok0 & 63)) & in_chunk);
     }
     const int t0 = split * tw;
     const uint64_t mine = tw == 64 ? ~0ull : (((1ull << tw) - 1ull) << t0);
     if (p.skip_masked && !__any_sync(0xffffffffu, ((word[0] | word[1]) & mine) != 0ull)) continue;
-    if (splits == 4) {
+    if (tw == 16) {
       ComputeSubTile<T, D, 16>(p, smem, sub % kStages, t0, word[0], word[1], qf, m, l, o);
-    } else if (splits == 2) {
+    } else if (tw == 32) {
       ComputeSubTile<T, D, 32>(p, smem, sub % kStages, t0, word[0], word[1], qf, m, l, o);
-    } else {
+    } else if constexpr (kSubTokens == 64) {
       ComputeSubTile<T, D, 64>(p, smem, sub % kStages, t0, word[0], word[1], qf, m, l, o);
     }
   }
