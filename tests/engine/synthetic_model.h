@@ -10,6 +10,10 @@
 // measures this). All matrices are fp32: the exact path, no activation quantization.
 //
 // The tokenizer spells token i as "t<i> " (ASCII, no special tokens, no end-of-generation ids).
+//
+// Not engine/model/synthetic_model.h: those are bf16/fp16 models at real shapes for the GPU
+// backend and benchmarks (the smallest has hidden 1024 and 8k tokens, no tokenizer); this one is
+// fp32 (token equality needs the exact path) and small enough for thousands of branches.
 #pragma once
 
 #include <charconv>

@@ -1,11 +1,12 @@
 // TreeEngine properties on the real model.
 //
-// (i) Random trees, (ii) trees shaped like the shared workloads (reasoning, speculative token
-// trees, few-shot), in all four attention modes: every leaf's greedy continuation, decoded with
-// all leaves at once inside the tree (shared KV, chunked prefill under a small step budget, small
-// planner chunks), equals Generate() of that leaf's full sequence alone, token for token. These
-// run on the exact path (weights dequantized to fp32); see the top of tree_engine_test.cc for why
-// the int8 path cannot promise token equality.
+// (i) Random trees, (ii) trees shaped like a sample of the shared workloads (reasoning,
+// speculative token trees, few-shot; every tree of every file is checked on a synthetic model in
+// tree_engine_workload_test.cc), in all four attention modes: every leaf's greedy continuation,
+// decoded with all leaves at once inside the tree (shared KV, chunked prefill under a small step
+// budget, small planner chunks), equals Generate() of that leaf's full sequence alone, token for
+// token. These run on the exact path (weights dequantized to fp32); see the top of
+// tree_engine_test.cc for why the int8 path cannot promise token equality.
 //
 // (iii) Thousands of random operations (create, fork at random offsets, extend, generate and
 // cancel mid-way, prune, delete, and invalid operations that must fail with their exact status
@@ -34,7 +35,6 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <future>
 #include <map>
 #include <memory>
@@ -46,8 +46,8 @@
 #include <thread>
 #include <vector>
 
+#include "engine/attention/workload_forest.h"
 #include "engine/scheduler/tree_engine.h"
-#include "nlohmann/json.hpp"
 
 namespace deft {
 namespace {
@@ -542,59 +542,35 @@ TEST(TreeEngineProperty, RandomTreeBranchesDecodeLikeTheirSequencesAloneInAllMod
   }
 }
 
-nlohmann::json LoadWorkload(const std::string& relative) {
-  const std::string path = std::string(DEFT_WORKLOADS_DIR) + "/" + relative;
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "cannot open " << path;
-  if (!in.good()) return nlohmann::json();
-  return nlohmann::json::parse(in);
-}
-
 // 16 rather than 32: every leaf's sequence alone starts with it, and 129 reasoning leaves are
 // decoded alone (a 32-token prompt added 2k prefill tokens, ~14 s on one core).
 constexpr int64_t kWorkloadPromptTokens = 16;
 
-// A reasoning tree: the recorded topology, node lengths ceil(len / 200) (at least 1; the recorded
-// ones go up to 1536), under a kWorkloadPromptTokens prompt; each node is a fork at its parent's
-// end, then extended.
-void BuildReasoningTree(TreeEngine& engine, TreeId tree, ShadowTree& shadow,
-                        const nlohmann::json& recorded, std::mt19937& rng) {
-  const nlohmann::json& data = recorded.at("data");
-  std::vector<std::pair<std::string, NodeId>> stack = {{"0", shadow.root}};
-  while (!stack.empty()) {
-    const auto [id, node] = stack.back();
-    stack.pop_back();
-    const nlohmann::json& children = data.at(id).at("children");
-    for (const nlohmann::json& c : children) {
-      const std::string child = std::to_string(c.get<int>());
-      const int64_t value = data.at(child).at("value").get<int64_t>();
-      const std::vector<NodeId> kid = ForkBoth(engine, tree, shadow, node, shadow.Length(node), 1);
-      if (kid.empty()) return;
-      ExtendBoth(engine, tree, shadow, kid[0],
-                 TextTokens(rng, std::max<int64_t>(1, (value + 199) / 200)));
-      stack.push_back({child, kid[0]});
-    }
+// A workload tree (engine/attention/workload_forest.h: segments are the tree's nodes, parents
+// first) under the tree's kWorkloadPromptTokens prompt: every
+// other node, in preorder, is a fork at its parent's end extended with length_of(recorded length)
+// tokens.
+void BuildWorkloadTree(TreeEngine& engine, TreeId tree, ShadowTree& shadow,
+                       const WorkloadForest& shape, int64_t (*length_of)(int64_t),
+                       std::mt19937& rng) {
+  std::vector<NodeId> node_of(shape.parent.size(), kNoNode);
+  node_of[0] = shadow.root;
+  for (size_t n = 1; n < shape.parent.size(); ++n) {
+    const NodeId parent = node_of[shape.parent[n]];
+    const std::vector<NodeId> kid =
+        ForkBoth(engine, tree, shadow, parent, shadow.Length(parent), 1);
+    if (kid.empty()) return;
+    ExtendBoth(engine, tree, shadow, kid[0], TextTokens(rng, length_of(shape.length[n])));
+    node_of[n] = kid[0];
   }
 }
 
-// A Medusa token tree of Token_Tree_size nodes as one-token nodes: the root of the token tree is
-// the prompt's last token, each draft path a one-token node under its parent path.
-void BuildSpeculativeTree(TreeEngine& engine, TreeId tree, ShadowTree& shadow,
-                          const nlohmann::json& spec, std::mt19937& rng) {
-  std::map<std::vector<int>, NodeId> node_of = {{{}, shadow.root}};
-  const int size = spec.at("Token_Tree_size").get<int>();
-  const nlohmann::json& paths = spec.at("Tree_Structure");
-  for (int i = 0; i + 1 < size && i < static_cast<int>(paths.size()); ++i) {
-    const std::vector<int> path = paths[i].get<std::vector<int>>();
-    auto parent = node_of.find(std::vector<int>(path.begin(), path.end() - 1));
-    ASSERT_NE(parent, node_of.end()) << "path " << i << " comes before its parent";
-    const std::vector<NodeId> kid =
-        ForkBoth(engine, tree, shadow, parent->second, shadow.Length(parent->second), 1);
-    ASSERT_EQ(kid.size(), 1u);
-    ExtendBoth(engine, tree, shadow, kid[0], TextTokens(rng, 1));
-    node_of[path] = kid[0];
-  }
+// Reasoning node lengths: ceil(len / 200), at least 1 (the recorded ones go up to 1536).
+int64_t ReasoningNodeTokens(int64_t recorded) {
+  return std::max<int64_t>(1, (recorded + 199) / 200);
 }
+// Speculative token trees: one token per draft node, as recorded.
+int64_t DraftNodeTokens(int64_t recorded) { return recorded; }
 
 void WorkloadTreesInMode(AttentionMode mode) {
   auto engine_or = TreeEngine::Create(LoadModel(true), ExactEngineOptions(mode));
@@ -619,25 +595,28 @@ void WorkloadTreesInMode(AttentionMode mode) {
   for (const auto& [file, t] : {std::pair<const char*, size_t>{"reasoning/sorting128ToT.json", 0},
                                 {"reasoning/sorting128ToT.json", 1},
                                 {"reasoning/docmergeToT.json", 0}}) {
-    const nlohmann::json trees = LoadWorkload(file);
-    ASSERT_TRUE(trees.is_array() && trees.size() > t) << file;
+    auto shape = LoadReasoningForest(WorkloadsDir(DEFT_WORKLOADS_DIR) + "/" + file,
+                                     static_cast<int32_t>(t), kWorkloadPromptTokens);
+    ASSERT_TRUE(shape.ok()) << shape.status();
     SCOPED_TRACE(testing::Message() << file << " tree " << t);
     ShadowTree shadow;
     const TreeId tree = new_tree(&shadow);
-    BuildReasoningTree(engine, tree, shadow, trees[t], rng);
+    BuildWorkloadTree(engine, tree, shadow, *shape, ReasoningNodeTokens, rng);
     if (testing::Test::HasFailure()) return;
     DecodeEveryLeafAndCompareWithAlone(engine, tree, shadow, kWorkloadTreeTokens, rng, baseline);
     if (testing::Test::HasFailure()) return;
   }
   // Speculative token trees of 5 and 10 nodes.
   for (int size : {5, 10}) {
-    const std::string file = "speculative/APPS_tree_size" + std::to_string(size) + ".json";
-    SCOPED_TRACE(file);
-    const nlohmann::json spec = LoadWorkload(file);
-    ASSERT_TRUE(spec.is_object());
+    SCOPED_TRACE(testing::Message() << "APPS_tree_size" << size);
+    auto spec =
+        LoadSpeculativeForest(WorkloadsDir(DEFT_WORKLOADS_DIR) + "/speculative/APPS_tree_size" +
+                                  std::to_string(size) + ".json",
+                              kWorkloadPromptTokens);
+    ASSERT_TRUE(spec.ok()) << spec.status();
     ShadowTree shadow;
     const TreeId tree = new_tree(&shadow);
-    BuildSpeculativeTree(engine, tree, shadow, spec, rng);
+    BuildWorkloadTree(engine, tree, shadow, *spec, DraftNodeTokens, rng);
     ASSERT_EQ(shadow.nodes.size(), static_cast<size_t>(size));
     DecodeEveryLeafAndCompareWithAlone(engine, tree, shadow, kWorkloadTreeTokens, rng, baseline);
     if (testing::Test::HasFailure()) return;

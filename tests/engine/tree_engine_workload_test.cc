@@ -45,15 +45,14 @@
 #include <string>
 #include <vector>
 
+#include "engine/attention/workload_forest.h"
 #include "engine/scheduler/tree_engine.h"
 #include "tests/engine/synthetic_model.h"
-#include "tests/engine/workloads.h"
 
 namespace deft {
 namespace {
 
 using testing_synthetic::SyntheticModel;
-using workloads::WorkloadTree;
 
 constexpr uint32_t kModelSeed = 20240611;
 constexpr int64_t kLengthScale = 32;  // recorded lengths go up to 1536 tokens: at most 48 here
@@ -61,6 +60,10 @@ constexpr int32_t kNewTokens = 2;
 constexpr size_t kTreesPerBatch = 10;  // trees generating at once in one engine
 // Engine log-probabilities against Generate()'s: same math, different summation order.
 constexpr float kLogprobTolerance = 1e-4f;
+
+constexpr const char* kReasoningFiles[] = {"reasoning/sorting128ToT.json",
+                                           "reasoning/docmergeToT.json"};
+constexpr int kSpeculativeSizes[] = {5, 10, 32, 64, 128};
 
 constexpr AttentionMode kAllModes[] = {AttentionMode::kSeq, AttentionMode::kTree,
                                        AttentionMode::kNode, AttentionMode::kFlatten};
@@ -73,7 +76,7 @@ double SecondsSince(Clock::time_point t) {
 // One tree with its tokens, and what each leaf must decode (its sequence decoded alone).
 struct Case {
   std::string name;
-  WorkloadTree shape;
+  WorkloadForest shape;                      // segments = tree nodes, parents before children
   std::vector<std::vector<int32_t>> tokens;  // per node
   std::vector<int32_t> leaves;
   std::vector<std::vector<int32_t>> expected;         // per leaf
@@ -111,20 +114,26 @@ void DecodeLeavesAlone(LlamaModel& model, Case& c, float* min_gap) {
 
 // A case from a workload shape: node lengths divided by `scale` (rounded up), random tokens from
 // `rng`.
-Case MakeCase(std::string name, const WorkloadTree& recorded, int64_t scale, std::mt19937& rng) {
+Case MakeCase(std::string name, const WorkloadForest& recorded, int64_t scale, std::mt19937& rng) {
   Case c;
   c.name = std::move(name);
   c.shape = recorded;
   std::uniform_int_distribution<int32_t> token(0, testing_synthetic::kVocab - 1);
-  for (size_t n = 0; n < recorded.size(); ++n) {
+  for (size_t n = 0; n < recorded.parent.size(); ++n) {
     int64_t len = (recorded.length[n] + scale - 1) / scale;
     if (n == 0) len = std::max<int64_t>(len, 1);  // a tree's prompt is never empty
-    c.shape.length[n] = len;
+    c.shape.length[n] = static_cast<int32_t>(len);
     std::vector<int32_t> t(static_cast<size_t>(len));
     for (int32_t& x : t) x = token(rng);
     c.tokens.push_back(std::move(t));
   }
-  c.leaves = c.shape.Leaves();
+  std::vector<bool> inner(recorded.parent.size(), false);
+  for (int32_t p : recorded.parent) {
+    if (p >= 0) inner[p] = true;
+  }
+  for (size_t n = 0; n < inner.size(); ++n) {
+    if (!inner[n]) c.leaves.push_back(static_cast<int32_t>(n));
+  }
   return c;
 }
 
@@ -171,9 +180,9 @@ TreeId BuildTree(TreeEngine& engine, const Case& c, std::vector<NodeId>* node_of
   auto tree = engine.CreateTree(c.tokens[0]);
   EXPECT_TRUE(tree.ok()) << tree.status();
   if (!tree.ok()) return -1;
-  node_of->assign(c.shape.size(), kNoNode);
+  node_of->assign(c.shape.parent.size(), kNoNode);
   (*node_of)[0] = 0;
-  for (size_t n = 1; n < c.shape.size(); ++n) {
+  for (size_t n = 1; n < c.shape.parent.size(); ++n) {
     const NodeId parent = (*node_of)[c.shape.parent[n]];
     auto kid =
         engine.Fork(*tree, parent, static_cast<int64_t>(c.tokens[c.shape.parent[n]].size()), 1);
@@ -269,7 +278,7 @@ void CheckEveryModeAgainstAlone(const char* what, std::vector<Case> cases) {
     DecodeLeavesAlone(*reference, c, &min_gap);
     if (testing::Test::HasFailure()) return;
     leaves += c.leaves.size();
-    nodes += c.shape.size();
+    nodes += c.shape.parent.size();
   }
   std::printf(
       "%s: %zu trees, %zu nodes, %zu branches decoded alone in %.1f s (smallest top-2 "
@@ -285,26 +294,31 @@ void CheckEveryModeAgainstAlone(const char* what, std::vector<Case> cases) {
   }
 }
 
+std::string WorkloadPath(const std::string& relative) {
+  return WorkloadsDir(DEFT_WORKLOADS_DIR) + "/" + relative;
+}
+
 void CheckReasoningFile(const char* file) {
-  auto trees = workloads::LoadReasoningTrees(file);
-  ASSERT_TRUE(trees.ok()) << trees.status();
+  auto count = CountReasoningTrees(WorkloadPath(file));
+  ASSERT_TRUE(count.ok()) << count.status();
   // The README says 100 trees per file; docmergeToT.json holds 50. Every one is checked.
-  ASSERT_GE(trees->size(), 50u) << file;
+  ASSERT_GE(*count, 50) << file;
   std::vector<Case> cases;
-  for (size_t t = 0; t < trees->size(); ++t) {
+  for (int32_t t = 0; t < *count; ++t) {
+    auto tree = LoadReasoningForest(WorkloadPath(file), t, /*prompt_tokens=*/0);
+    ASSERT_TRUE(tree.ok()) << tree.status();
     std::mt19937 rng(static_cast<uint32_t>(std::hash<std::string>{}(file) + t));
-    cases.push_back(
-        MakeCase(std::string(file) + " tree " + std::to_string(t), (*trees)[t], kLengthScale, rng));
+    cases.push_back(MakeCase(tree->name, *tree, kLengthScale, rng));
   }
   CheckEveryModeAgainstAlone(file, std::move(cases));
 }
 
 TEST(TreeEngineWorkloads, EverySorting128ToTTreeDecodesLikeItsBranchesAloneInAllModes) {
-  CheckReasoningFile(workloads::kReasoningFiles[0]);
+  CheckReasoningFile(kReasoningFiles[0]);
 }
 
 TEST(TreeEngineWorkloads, EveryDocmergeToTTreeDecodesLikeItsBranchesAloneInAllModes) {
-  CheckReasoningFile(workloads::kReasoningFiles[1]);
+  CheckReasoningFile(kReasoningFiles[1]);
 }
 
 // Each token tree under a prefix whose last token is the tree's root; every draft node is a
@@ -312,12 +326,14 @@ TEST(TreeEngineWorkloads, EveryDocmergeToTTreeDecodesLikeItsBranchesAloneInAllMo
 TEST(TreeEngineWorkloads, EverySpeculativeTokenTreeDecodesLikeItsBranchesAloneInAllModes) {
   std::vector<Case> cases;
   std::mt19937 rng(kModelSeed + 1);
-  for (int size : workloads::kSpeculativeSizes) {
+  for (int size : kSpeculativeSizes) {
     // Prefixes: one token (the root alone), within a block, across several blocks.
     for (int64_t prefix : {1, 3, 19}) {
-      auto tree = workloads::LoadSpeculativeTree(size, prefix);
+      auto tree = LoadSpeculativeForest(
+          WorkloadPath("speculative/APPS_tree_size" + std::to_string(size) + ".json"),
+          static_cast<int32_t>(prefix));
       ASSERT_TRUE(tree.ok()) << tree.status();
-      ASSERT_EQ(tree->size(), static_cast<size_t>(size));
+      ASSERT_EQ(tree->parent.size(), static_cast<size_t>(size));
       cases.push_back(
           MakeCase("APPS_tree_size" + std::to_string(size) + " prefix " + std::to_string(prefix),
                    *tree, 1, rng));
@@ -335,7 +351,8 @@ TEST(TreeEngineWorkloads, FewShotBranchesDecodeLikeTheirSequencesAloneInAllModes
     for (int64_t branch : {0, 1, 3}) {
       cases.push_back(
           MakeCase("few-shot W=" + std::to_string(width) + " branch " + std::to_string(branch),
-                   workloads::FewShotTree(4000, width, branch * kLengthScale), kLengthScale, rng));
+                   FewShotForest(4000, width, static_cast<int32_t>(branch * kLengthScale)),
+                   kLengthScale, rng));
     }
   }
   CheckEveryModeAgainstAlone("few-shot", std::move(cases));
