@@ -28,6 +28,7 @@ GpuBackend::GpuBackend(const LlamaConfig& config, const GpuBackendOptions& optio
 
 GpuBackend::~GpuBackend() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  ClearGraphs();
   if (uploaded_ != nullptr) cudaEventDestroy(uploaded_);
   if (host_inputs_ != nullptr) cudaFreeHost(host_inputs_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -167,19 +168,75 @@ absl::Status GpuBackend::ForwardStepOnDevice(const StepInput& step, KvBlockPool&
   const int64_t n = static_cast<int64_t>(step.tokens.size());
   const int64_t rows = static_cast<int64_t>(step.logit_rows.size());
   if (n > 65535) return absl::InvalidArgumentError("a GPU step holds at most 65535 tokens");
+  DEFT_RETURN_IF_ERROR(Reserve(n, rows));
+  DEFT_RETURN_IF_ERROR(UploadStep(step));
+  DEFT_RETURN_IF_ERROR(attention_.Upload(plan, static_cast<int32_t>(c.num_heads),
+                                         static_cast<int32_t>(c.num_kv_heads),
+                                         static_cast<int32_t>(c.head_dim), stream_));
+  step_rows_ = rows;
+  if (!options_.cuda_graphs) return EnqueueStep(*kv, n, rows);
+  // Every value the step's launches take by value: equal keys replay the same graph (the
+  // inputs and the plan were just uploaded to the same device addresses).
+  GraphKey key;
+  std::memset(static_cast<void*>(&key), 0, sizeof(key));
+  key.n = n;
+  key.rows = rows;
+  key.mode = static_cast<int64_t>(plan.mode);
+  key.plan = attention_.view();
+  key.kv = kv->k(0);
+  const void* buffers[] = {x_.get(),       xn_.get(),  qkv_.get(),    q_.get(),     attn_.get(),
+                           gate_up_.get(), ffn_.get(), logits_.get(), inputs_.get()};
+  std::memcpy(key.buffers, buffers, sizeof(buffers));
+  // The attention workspace moves only when a plan needs more entries than any before it.
+  if (plan.num_entries() > max_entries_) {
+    max_entries_ = plan.num_entries();
+    ClearGraphs();
+  }
+  for (Graph& g : graphs_) {
+    if (std::memcmp(&g.key, &key, sizeof(key)) == 0) {
+      ++graph_replays_;
+      return CudaStatus(cudaGraphLaunch(g.exec, stream_), "CUDA graph launch");
+    }
+  }
+  DEFT_RETURN_IF_ERROR(CudaStatus(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
+                                  "CUDA graph capture"));
+  const absl::Status enqueued = EnqueueStep(*kv, n, rows);
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+  if (!enqueued.ok() || ended != cudaSuccess) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    return enqueued.ok() ? CudaStatus(ended, "CUDA graph capture") : enqueued;
+  }
+  Graph g{key, nullptr};
+  const cudaError_t made = cudaGraphInstantiate(&g.exec, graph, 0);
+  cudaGraphDestroy(graph);
+  DEFT_RETURN_IF_ERROR(CudaStatus(made, "CUDA graph instantiate"));
+  if (graphs_.size() >= kMaxGraphs) {
+    cudaGraphExecDestroy(graphs_.front().exec);
+    graphs_.erase(graphs_.begin());
+  }
+  graphs_.push_back(g);
+  ++graph_captures_;
+  return CudaStatus(cudaGraphLaunch(g.exec, stream_), "CUDA graph launch");
+}
+
+void GpuBackend::ClearGraphs() {
+  for (Graph& g : graphs_) cudaGraphExecDestroy(g.exec);
+  graphs_.clear();
+}
+
+absl::Status GpuBackend::EnqueueStep(const DeviceKvStorage& kv_storage, int64_t n, int64_t rows) {
+  const DeviceKvStorage* kv = &kv_storage;
+  const LlamaConfig& c = config_;
   const int64_t H = c.hidden, q_dim = c.num_heads * c.head_dim,
                 kv_dim = c.num_kv_heads * c.head_dim;
   const int64_t qkv_dim = q_dim + 2 * kv_dim, F = c.ffn_hidden;
   const size_t e = kernels::DtypeBytes(dtype_);
-  DEFT_RETURN_IF_ERROR(Reserve(n, rows));
-  DEFT_RETURN_IF_ERROR(UploadStep(step));
   const GpuAttentionLayer attn_shape{
       dtype_ == Dtype::kFloat16 ? kernels::KvDtype::kFloat16 : kernels::KvDtype::kBFloat16,
       static_cast<int32_t>(c.num_heads), static_cast<int32_t>(c.num_kv_heads),
       static_cast<int32_t>(c.head_dim)};
-  DEFT_RETURN_IF_ERROR(attention_.Upload(plan, attn_shape.num_heads, attn_shape.num_kv_heads,
-                                         attn_shape.head_dim, stream_));
-
   const int32_t n32 = static_cast<int32_t>(n);
   DEFT_RETURN_IF_ERROR(CudaStatus(
       kernels::LaunchEmbedding(
@@ -238,7 +295,6 @@ absl::Status GpuBackend::ForwardStepOnDevice(const StepInput& step, KvBlockPool&
     DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchSwiglu(sw, stream_), "swiglu"));
     DEFT_RETURN_IF_ERROR(Gemm(L.w_down, ffn_.get(), x_.get(), n, H, F, Dtype::kFloat32, true));
   }
-  step_rows_ = rows;
   if (rows == 0) return absl::OkStatus();
   DEFT_RETURN_IF_ERROR(norm(weights_->output_norm(), d_rows_, static_cast<int32_t>(rows)));
   return Gemm(weights_->output(), xn_.get(), logits_.get(), rows, c.vocab_size, H, Dtype::kFloat32,

@@ -121,6 +121,10 @@ SyntheticTensorParams GetSyntheticTensorParams(const SyntheticModelSpec& spec,
     case SyntheticTensor::kAttnNorm:
     case SyntheticTensor::kFfnNorm:
       return {seed, 0.1f, 1.f};
+    case SyntheticTensor::kOutput:
+      return {seed,
+              static_cast<float>(spec.logit_scale * std::sqrt(3.0 / static_cast<double>(cols))),
+              0.f};
     default:
       return {seed, static_cast<float>(std::sqrt(3.0 / static_cast<double>(cols))), 0.f};
   }

@@ -30,6 +30,9 @@ struct SyntheticModelSpec {
   LlamaConfig config;
   GgmlType dtype = GgmlType::kBF16;  // kBF16 or kF16
   uint64_t seed = 0x5EED;
+  // Multiplies the output head's scale: tests that compare greedy tokens across backends use a
+  // larger value so that the top two logits are far apart compared with fp16/bf16 rounding.
+  float logit_scale = 1.f;
 };
 
 enum class SyntheticTensor {

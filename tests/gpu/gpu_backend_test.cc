@@ -138,6 +138,45 @@ INSTANTIATE_TEST_SUITE_P(
              "_" + std::string(AttentionModeName(std::get<1>(info.param)));
     });
 
+// A step replayed from a captured CUDA graph computes what launching it directly computes.
+TEST(GpuBackendGraphTest, ReplayedStepEqualsDirectLaunch) {
+  DEFT_SKIP_WITHOUT_GPU();
+  auto spec = SyntheticSpecFromName("synthetic:tiny");
+  ASSERT_TRUE(spec.ok());
+  auto gpu = GpuBackend::CreateSynthetic(*spec, {});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const LlamaConfig& c = spec->config;
+  auto pool = KvBlockPool::Create(ShapeOf(c), 8, (*gpu)->kv_storage());
+  ASSERT_TRUE(pool.ok());
+  std::mt19937_64 rng(std::random_device{}());
+  const int32_t n = 40;
+  std::vector<int32_t> tokens(n), slots(n), rows = {n - 1, 7};
+  std::vector<int64_t> positions(n);
+  std::vector<PlanQuery> queries(n);
+  for (int32_t i = 0; i < n; ++i) {
+    tokens[i] = static_cast<int32_t>(rng() % c.vocab_size);
+    slots[i] = 3 * i + 1;
+    positions[i] = i;
+    queries[i] = {0, i + 1};
+  }
+  PartitionPlanner planner({});
+  PartitionPlan plan;
+  const std::vector<PlanSegment> segments = {{-1, slots}};
+  ASSERT_TRUE(planner.Plan(segments, queries, &plan).ok());
+  const StepInput step{tokens, positions, slots, rows};
+  std::vector<float> direct, captured, replayed;
+  (*gpu)->set_cuda_graphs(false);
+  ASSERT_TRUE((*gpu)->ForwardStep(step, **pool, plan, &direct).ok());
+  (*gpu)->set_cuda_graphs(true);
+  ASSERT_TRUE((*gpu)->ForwardStep(step, **pool, plan, &captured).ok());
+  ASSERT_TRUE((*gpu)->ForwardStep(step, **pool, plan, &replayed).ok());
+  EXPECT_EQ((*gpu)->graph_captures(), 1);
+  EXPECT_EQ((*gpu)->graph_replays(), 1);
+  ASSERT_EQ(direct.size(), rows.size() * c.vocab_size);
+  EXPECT_EQ(captured, direct);
+  EXPECT_EQ(replayed, direct);
+}
+
 TEST(GpuSyntheticWeightsTest, DeviceWeightsEqualTheHostCopy) {
   DEFT_SKIP_WITHOUT_GPU();
   auto spec = SyntheticSpecFromName("synthetic:tiny");

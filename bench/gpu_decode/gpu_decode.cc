@@ -1,0 +1,286 @@
+// bench/gpu_decode: end-to-end decode step (TPOT: one step of the whole tree) of a synthetic
+// Llama-3-8B (bf16 weights generated on the device) on one GPU, per DeFT workload and attention
+// mode, against the IO floor of ../shared/PERFORMANCE.md section 2: (weight bytes read per step +
+// KV bytes the mode reads) / measured copy bandwidth.
+//
+// Workloads (PERFORMANCE.md section 2): few-shot (4000-token prompt, 50 branches at 400 generated
+// tokens), speculative (APPS tree of 64 draft tokens under a 4000-token prefix), reasoning
+// (sorting128 tree 0, prompt padded to 4000). The KV of every tree token is in a device pool
+// filled with random bf16 (never zeros); a step feeds one token per query of the tree (its K/V
+// written to its slot, as a real step does) and computes the logits of every query.
+//
+// Per (workload, mode): the planner options come from the GPU cost model
+// (engine/attention/gpu_chunking.h); plan time is the host planning alone (median); TPOT is the
+// median over --reps steps of host time around GpuBackend::ForwardStepOnDevice + stream
+// synchronize (upload of inputs and plan, all launches, logits left on the device), after 3
+// warm-up steps; "host enqueue" is the part before the synchronize. "graph" replays the same
+// step from a CUDA graph (a lower bound: real steps change the plan, see GpuBackendOptions).
+// "GEMMs" runs the step's projections alone (32 x QKV, O, gate/up, down + the output head, at
+// m = queries): the weight-streaming part of the floor. Sampling (device, temperature 1: the
+// costliest path) is timed apart.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_split.h"
+#include "engine/attention/gpu_chunking.h"
+#include "engine/attention/workload_forest.h"
+#include "engine/gpu/device_kv_storage.h"
+#include "engine/gpu/gpu_backend.h"
+#include "kernels/model/gemm.h"
+#include "kernels/model/weight_kernels.h"
+
+ABSL_FLAG(std::string, model, "synthetic:llama3-8b", "synthetic model name");
+ABSL_FLAG(std::string, modes, "seq,flatten", "attention modes (seq, tree, node, flatten)");
+ABSL_FLAG(std::string, workloads_dir, "", "workloads directory (default: the build's)");
+ABSL_FLAG(int32_t, reps, 20, "timed steps per (workload, mode)");
+
+namespace deft {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// Device copy bandwidth (bytes read + written per second), median of 10 copies of 2 GiB.
+double CopyBandwidth() {
+  const size_t bytes = size_t{2} << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
+  cudaMemset(a, 1, bytes);
+  std::vector<double> t;
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  for (int i = 0; i < 12; ++i) {
+    cudaEventRecord(e0);
+    cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    if (i >= 2) t.push_back(ms * 1e-3);
+  }
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / Median(t);
+}
+
+// Median time of one step's GEMMs alone at m tokens (every layer's QKV, O, gate/up and down
+// projections and the output head), on scratch activations of random values.
+double TimeGemms(gpu::GpuBackend& gpu, int64_t m) {
+  const LlamaConfig& c = gpu.config();
+  std::unique_ptr<kernels::GemmRunner> gemm;
+  if (kernels::GemmRunner::Create(size_t{32} << 20, &gemm) != cudaSuccess) return 0;
+  const int64_t q = c.num_heads * c.head_dim, qkv = q + 2 * c.num_kv_heads * c.head_dim;
+  const int64_t widest = std::max({qkv, 2 * c.ffn_hidden, c.vocab_size});
+  const kernels::Dtype dt = gpu.weights().dtype();
+  gpu::DeviceBuffer in, out;
+  if (!in.Reserve(m * std::max(c.hidden, c.ffn_hidden) * 2).ok() ||
+      !out.Reserve(m * widest * 4).ok()) {
+    return 0;
+  }
+  kernels::LaunchSyntheticFill({in.get(), dt, m * std::max(c.hidden, c.ffn_hidden), 9, 1.f, 0.f},
+                               gpu.stream());
+  auto run = [&](const void* w, int64_t n, int64_t k, kernels::Dtype out_dt) {
+    gemm->Run({m, n, k, w, in.get(), out.get(), dt, out_dt, false}, gpu.stream());
+  };
+  std::vector<double> t;
+  for (int rep = 0; rep < 8; ++rep) {
+    cudaStreamSynchronize(gpu.stream());
+    const auto a = Clock::now();
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const gpu::DeviceLayerWeights& L = gpu.weights().layer(l);
+      run(L.wqkv, qkv, c.hidden, dt);
+      run(L.wo, c.hidden, q, kernels::Dtype::kFloat32);
+      run(L.w_gate_up, 2 * c.ffn_hidden, c.hidden, dt);
+      run(L.w_down, c.hidden, c.ffn_hidden, kernels::Dtype::kFloat32);
+    }
+    run(gpu.weights().output(), c.vocab_size, c.hidden, kernels::Dtype::kFloat32);
+    cudaStreamSynchronize(gpu.stream());
+    if (rep >= 2) t.push_back(Seconds(a, Clock::now()));
+  }
+  return Median(t);
+}
+
+struct Workload {
+  std::string name;
+  WorkloadForest forest;
+  double io_speedup = 0;  // PERFORMANCE.md's IO-model flatten-over-seq speedup
+};
+
+int Run() {
+  auto spec = SyntheticSpecFromName(absl::GetFlag(FLAGS_model));
+  if (!spec.ok()) {
+    std::fprintf(stderr, "%s\n", spec.status().ToString().c_str());
+    return 2;
+  }
+  std::string dir = absl::GetFlag(FLAGS_workloads_dir);
+  if (dir.empty()) dir = WorkloadsDir(DEFT_WORKLOADS_DIR);
+  std::vector<Workload> workloads;
+  workloads.push_back({"few-shot P4000 W50 @400", FewShotForest(4000, 50, 400), 2.3});
+  auto spec_forest = LoadSpeculativeForest(dir + "/speculative/APPS_tree_size64.json", 4000);
+  auto reason_forest = LoadReasoningForest(dir + "/reasoning/sorting128ToT.json", 0, 4000);
+  if (!spec_forest.ok() || !reason_forest.ok()) {
+    std::fprintf(stderr, "workloads: %s %s\n", spec_forest.status().ToString().c_str(),
+                 reason_forest.status().ToString().c_str());
+    return 2;
+  }
+  workloads.push_back({"speculative APPS tree64 P4000", *spec_forest, 2.9});
+  workloads.push_back({"reasoning sorting128 t0 P4000", *reason_forest, 1.27});
+
+  const double bw = CopyBandwidth();
+  const auto t0 = Clock::now();
+  auto gpu_or = gpu::GpuBackend::CreateSynthetic(*spec, {});
+  if (!gpu_or.ok()) {
+    std::fprintf(stderr, "%s\n", gpu_or.status().ToString().c_str());
+    return 1;
+  }
+  gpu::GpuBackend& gpu = **gpu_or;
+  const LlamaConfig& c = spec->config;
+  const double weight_s = Seconds(t0, Clock::now());
+  // Bytes a step reads: every matrix but the embedding table (only its rows are gathered).
+  const double embd_bytes = 2.0 * c.vocab_size * c.hidden;
+  const double weight_bytes = gpu.weights().bytes() - embd_bytes;
+  const KvPoolShape shape{c.num_layers, c.num_kv_heads, c.head_dim, 16};
+  const double kv_token_bytes = 2.0 * c.num_layers * 2 * c.num_kv_heads * c.head_dim;
+  int64_t max_tokens = 0;
+  for (const Workload& w : workloads) max_tokens = std::max(max_tokens, w.forest.total_tokens());
+  auto pool_or = KvBlockPool::Create(shape, max_tokens / 16 + 2, gpu.kv_storage());
+  if (!pool_or.ok()) {
+    std::fprintf(stderr, "%s\n", pool_or.status().ToString().c_str());
+    return 1;
+  }
+  KvBlockPool& pool = **pool_or;
+  auto* storage = static_cast<gpu::DeviceKvStorage*>(&pool.storage());
+  const int64_t pool_elems =
+      2 * c.num_layers * pool.num_blocks() * 16 * c.num_kv_heads * c.head_dim;
+  kernels::LaunchSyntheticFill({storage->k(0), storage->dtype(), pool_elems, 42, 1.f, 0.f},
+                               gpu.stream());
+  cudaStreamSynchronize(gpu.stream());
+  std::printf("device weights: %.2f GB generated in %.0f ms; copy bandwidth %.2f TB/s\n",
+              gpu.weights().bytes() / 1e9, weight_s * 1e3, bw / 1e12);
+  std::printf(
+      "floor = (%.2f GB of weights read per step + KV bytes the mode reads) / bandwidth\n\n",
+      weight_bytes / 1e9);
+  std::printf(
+      "| workload | mode | queries | KV tokens read | floor ms | TPOT ms | TPOT/floor | host "
+      "enqueue ms | graph ms | GEMMs ms | plan ms | sample ms |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+
+  std::mt19937_64 rng(7);
+  GpuAttentionCostModel cost;
+  cost.num_heads = static_cast<int32_t>(c.num_heads);
+  cost.num_kv_heads = static_cast<int32_t>(c.num_kv_heads);
+  cost.head_dim = static_cast<int32_t>(c.head_dim);
+  const std::vector<std::string> modes = absl::StrSplit(absl::GetFlag(FLAGS_modes), ',');
+  for (const Workload& w : workloads) {
+    const WorkloadForest& f = w.forest;
+    const auto slots = f.ContiguousSlots(0);
+    const std::vector<PlanSegment> segments = f.Segments(slots);
+    // Depth of each segment's first token.
+    std::vector<int64_t> offset(f.parent.size(), 0);
+    for (size_t s = 0; s < f.parent.size(); ++s) {
+      if (f.parent[s] >= 0) offset[s] = offset[f.parent[s]] + f.length[f.parent[s]];
+    }
+    std::vector<int32_t> tokens, kv_slots, rows;
+    std::vector<int64_t> positions;
+    for (size_t q = 0; q < f.queries.size(); ++q) {
+      const PlanQuery& pq = f.queries[q];
+      tokens.push_back(static_cast<int32_t>(rng() % c.vocab_size));
+      positions.push_back(offset[pq.segment] + pq.visible - 1);
+      kv_slots.push_back(slots[pq.segment][pq.visible - 1]);
+      rows.push_back(static_cast<int32_t>(q));
+    }
+    const StepInput step{tokens, positions, kv_slots, rows};
+    const double gemm_s = TimeGemms(gpu, static_cast<int64_t>(rows.size()));
+    double seq_tpot = 0, flatten_tpot = 0;
+    for (const std::string& mode_name : modes) {
+      AttentionMode mode;
+      if (!ParseAttentionMode(mode_name, &mode)) {
+        std::fprintf(stderr, "unknown mode %s\n", mode_name.c_str());
+        return 2;
+      }
+      PartitionPlan plan;
+      std::vector<double> plan_t;
+      for (int i = 0; i < 5; ++i) {
+        const auto a = Clock::now();
+        auto opts = ChooseGpuPlannerOptions(mode, segments, f.queries, cost, &plan);
+        plan_t.push_back(Seconds(a, Clock::now()));
+        if (!opts.ok()) {
+          std::fprintf(stderr, "plan: %s\n", opts.status().ToString().c_str());
+          return 1;
+        }
+      }
+      // Without graphs (host time to enqueue the step reported apart), then with them.
+      std::vector<double> step_t, enqueue_t, graph_t;
+      for (bool graphs : {false, true}) {
+        gpu.set_cuda_graphs(graphs);
+        for (int i = 0; i < 3 + absl::GetFlag(FLAGS_reps); ++i) {
+          const auto a = Clock::now();
+          absl::Status s = gpu.ForwardStepOnDevice(step, pool, plan);
+          const auto b = Clock::now();
+          if (s.ok()) s = gpu::CudaStatus(cudaStreamSynchronize(gpu.stream()), "step");
+          if (!s.ok()) {
+            std::fprintf(stderr, "step: %s\n", s.ToString().c_str());
+            return 1;
+          }
+          if (i < 3) continue;
+          (graphs ? graph_t : step_t).push_back(Seconds(a, Clock::now()));
+          if (!graphs) enqueue_t.push_back(Seconds(a, b));
+        }
+      }
+      std::vector<kernels::SampleRowParams> sp(rows.size());
+      for (size_t r = 0; r < sp.size(); ++r) sp[r] = {1.f, 0, 1.f, 0.f, rng(), 0};
+      std::vector<double> sample_t;
+      for (int i = 0; i < 4; ++i) {
+        const auto a = Clock::now();
+        auto toks = gpu.SampleOnDevice(sp);
+        if (!toks.ok()) {
+          std::fprintf(stderr, "sample: %s\n", toks.status().ToString().c_str());
+          return 1;
+        }
+        if (i >= 1) sample_t.push_back(Seconds(a, Clock::now()));
+      }
+      const double floor = (weight_bytes + plan.kv_tokens_read * kv_token_bytes) / bw;
+      const double tpot = Median(step_t);
+      if (mode == AttentionMode::kSeq) seq_tpot = tpot;
+      if (mode == AttentionMode::kFlatten) flatten_tpot = tpot;
+      std::printf(
+          "| %s | %s | %zu | %lld | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f | %.2f |\n",
+          w.name.c_str(), mode_name.c_str(), f.queries.size(),
+          static_cast<long long>(plan.kv_tokens_read), floor * 1e3, tpot * 1e3, tpot / floor,
+          Median(enqueue_t) * 1e3, Median(graph_t) * 1e3, gemm_s * 1e3, Median(plan_t) * 1e3,
+          Median(sample_t) * 1e3);
+      std::fflush(stdout);
+    }
+    if (seq_tpot > 0 && flatten_tpot > 0) {
+      std::printf("| %s | flatten over seq | | | | %.2fx | %.0f%% of IO model %.2fx | | | | | |\n",
+                  w.name.c_str(), seq_tpot / flatten_tpot,
+                  100 * (seq_tpot / flatten_tpot) / w.io_speedup, w.io_speedup);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace deft
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return deft::Run();
+}
