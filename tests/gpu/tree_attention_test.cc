@@ -5,6 +5,7 @@
 // zeros), K/V sit at scattered pool slots, and the output is poisoned (NaN) before each run.
 // Tolerance: relative L2 error vs the fp32 reference <= 2e-3 (fp16) / 1e-2 (bf16), the issue's
 // limits (P is rounded to the KV dtype before P V, as every tensor-core attention kernel does).
+// Every case runs twice and must give the same bits (deterministic merge, counters reset).
 // Skipped without a CUDA device.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -190,6 +191,15 @@ double CheckForest(ThreadPool& threads, const WorkloadForest& forest, const Shap
     std::vector<T> out(q_elems);
     EXPECT_EQ(cudaMemcpy(out.data(), dout, out.size() * sizeof(T), cudaMemcpyDeviceToHost),
               cudaSuccess);
+    // A second run of the same upload (the fused merge's counters must be back at 0) gives the
+    // same bits: the merge order is fixed, no float atomics.
+    EXPECT_EQ(cudaMemset(dout, 0xff, q_t.size() * sizeof(T)), cudaSuccess);
+    EXPECT_TRUE(attention.Run(layer, nullptr).ok());
+    std::vector<T> again(q_elems);
+    EXPECT_EQ(cudaMemcpy(again.data(), dout, again.size() * sizeof(T), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    EXPECT_EQ(std::memcmp(out.data(), again.data(), out.size() * sizeof(T)), 0)
+        << forest.name << " " << Describe(shape, mode) << ": a second run differs";
     double err = 0;
     int64_t non_finite = 0;
     for (int64_t i = 0; i < q_elems; ++i) {
