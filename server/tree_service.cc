@@ -178,7 +178,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
  public:
   // Start runs on `work` (it waits for the engine's lock); the call's context and request stay
   // valid until it finishes, which cannot happen before Start has.
-  GenerateStream(std::shared_ptr<ServingState> state, WorkQueue& work, WorkQueue& writer,
+  GenerateStream(std::shared_ptr<ServingState> state, WorkQueue& work, EventWriter& writer,
                  grpc::CallbackServerContext* context, const pb::GenerateRequest* request)
       : core_(std::make_shared<Core>()) {
     core_->reactor = this;
@@ -212,7 +212,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
     GenerateStream* reactor = nullptr;  // null once Finish was called
     std::shared_ptr<ServingState> state;
     // Where events queued by the engine's callbacks are written from (see PushLocked).
-    WorkQueue* writer = nullptr;
+    EventWriter* writer = nullptr;
     bool pump_posted = false;  // a PumpLocked is queued on `writer`
     std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
     std::chrono::system_clock::time_point call_deadline =
@@ -243,15 +243,19 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
       if (generation < 0 || engine_done) return;
       if (auto e = engine.lock()) e->Cancel(generation);
     }
-    // Called on the engine's scheduler thread: queues the event and leaves the write (the
-    // gRPC write path costs tens of microseconds per message) to the writer thread, so the
-    // engine can start its next step; while a write is in flight, OnWriteDone takes the next.
+    // Called on the engine's scheduler thread with the event of a token (or a finish). The gRPC
+    // write path costs tens of microseconds per message (bench/RESULTS.md, server_load), so
+    // only the first event of a step's burst is written here (at most one inline write per
+    // EventWriter::kInlineGap: lowest latency for a lone stream, little engine time); the rest
+    // go to the writer thread and the engine starts its next step. While a write is in flight,
+    // OnWriteDone takes the next event.
     void PushLocked(pb::GenerateEvent event, const std::shared_ptr<Core>& self) {
       if (reactor == nullptr || broken) return;
       queue.push_back(std::move(event));
       if (writing || pump_posted) return;
+      if (writer->TakeInlineWrite()) return PumpLocked();
       pump_posted = true;
-      writer->Post([self] {
+      writer->queue.Post([self] {
         std::lock_guard<std::mutex> lock(self->mu);
         self->pump_posted = false;
         self->PumpLocked();

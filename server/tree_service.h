@@ -16,6 +16,8 @@
 // ServingState.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <memory>
 
 #include "deft/v1/tree_service.grpc.pb.h"
@@ -23,6 +25,23 @@
 #include "server/work_queue.h"
 
 namespace deft::server {
+
+// Where the events of Generate streams are written from: the first of a burst inline on the
+// engine's scheduler thread (TakeInlineWrite), the others on `queue`'s thread.
+struct EventWriter {
+  static constexpr std::chrono::microseconds kInlineGap{1000};
+  WorkQueue queue{1};
+  std::atomic<int64_t> last_inline_us{0};
+
+  // True (and the clock restarted) when no event was written inline in the last kInlineGap.
+  bool TakeInlineWrite() {
+    const int64_t now = std::chrono::duration_cast<std::chrono::microseconds>(
+                            std::chrono::steady_clock::now().time_since_epoch())
+                            .count();
+    int64_t last = last_inline_us.load(std::memory_order_relaxed);
+    return now - last >= kInlineGap.count() && last_inline_us.compare_exchange_strong(last, now);
+  }
+};
 
 class TreeServiceImpl final : public deft::v1::TreeService::CallbackService {
  public:
@@ -68,8 +87,7 @@ class TreeServiceImpl final : public deft::v1::TreeService::CallbackService {
 
   std::shared_ptr<ServingState> state_;
   WorkQueue work_{kWorkThreads};
-  // Writes Generate events queued by the engine's callbacks (off its scheduler thread).
-  WorkQueue writer_{1};
+  EventWriter writer_;
 };
 
 }  // namespace deft::server
