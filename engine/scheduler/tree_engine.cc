@@ -50,7 +50,8 @@ TreeEngine::TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& o
 TreeEngine::~TreeEngine() {
   std::vector<Event> events;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
+    WaitForStepLocked(lock);
     stop_ = true;
     for (VerifyJob* job : verifies_) {
       FinishVerifyLocked(*job, absl::CancelledError("the engine is shutting down"));
@@ -102,7 +103,8 @@ bool TreeEngine::NodeIsGenerating(TreeId tree, NodeId node) const {
 absl::Status TreeEngine::DeleteTree(TreeId tree) {
   absl::Status s;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
+    WaitForStepLocked(lock);
     if (!cache_->HasTree(tree)) {
       return absl::NotFoundError(absl::StrFormat("no tree %d", tree));
     }
@@ -117,7 +119,8 @@ absl::Status TreeEngine::DeleteTree(TreeId tree) {
 
 absl::StatusOr<std::vector<NodeId>> TreeEngine::Fork(TreeId tree, NodeId node, int64_t offset,
                                                      int32_t count) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  WaitForStepLocked(lock);
   auto n = cache_->GetNode(tree, node);
   if (!n.ok()) return n.status();
   // Splitting a generating tip would move its pending tokens under a new parent mid-step; fork
@@ -138,7 +141,8 @@ absl::Status TreeEngine::Extend(TreeId tree, NodeId node, std::span<const int32_
           absl::StrFormat("token id %d is outside the vocabulary [0, %d)", t, vocab));
     }
   }
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  WaitForStepLocked(lock);
   if (NodeIsGenerating(tree, node)) {
     return absl::FailedPreconditionError(
         absl::StrFormat("node %d of tree %d is generating", node, tree));
@@ -155,7 +159,8 @@ absl::Status TreeEngine::Extend(TreeId tree, NodeId node, std::span<const int32_
 }
 
 absl::Status TreeEngine::Prune(TreeId tree, NodeId node) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  WaitForStepLocked(lock);
   if (NodeIsGenerating(tree, node)) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "node %d of tree %d has a generating branch in its subtree; cancel it first", node, tree));
@@ -181,7 +186,15 @@ absl::StatusOr<int64_t> TreeEngine::Generate(TreeId tree, std::vector<BranchRequ
   auto g = std::make_unique<Generation>();
   int64_t id;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
+    // A node whose verification is in the step running now is not generating yet, but its
+    // commit is coming: wait for it (other nodes need not wait for the step).
+    step_cv_.wait(lock, [&] {
+      for (const BranchRequest& r : branches) {
+        if (inflight_verify_tips_.contains(NodeKey{tree, r.node})) return false;
+      }
+      return true;
+    });
     absl::flat_hash_set<NodeId> seen;
     for (size_t i = 0; i < branches.size(); ++i) {
       const NodeId node = branches[i].node;
@@ -315,7 +328,7 @@ void TreeEngine::SchedulerLoop() {
       std::unique_lock<std::mutex> lock(mu_);
       work_cv_.wait(lock, [&] { return stop_ || !generations_.empty() || !verifies_.empty(); });
       if (stop_) return;
-      worked = RunStep(&events);
+      worked = RunStep(lock, &events);
       for (auto it = generations_.begin(); it != generations_.end();) {
         if (it->second->remaining == 0) {
           generations_.erase(it++);
@@ -329,7 +342,11 @@ void TreeEngine::SchedulerLoop() {
   }
 }
 
-bool TreeEngine::RunStep(std::vector<Event>* events) {
+void TreeEngine::WaitForStepLocked(std::unique_lock<std::mutex>& lock) {
+  step_cv_.wait(lock, [&] { return !step_in_flight_; });
+}
+
+bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>* events) {
   const LlamaConfig& c = model_->config();
   const int32_t bt = pool_->block_tokens();
 
@@ -584,8 +601,20 @@ bool TreeEngine::RunStep(std::vector<Event>* events) {
   }
 
   // 5. Plan and run.
+  // The forward pass runs without the lock: the step's inputs are in `step`, its slots reserved.
+  // Until it ends, operations that could move or free what it reads or writes (Fork, Extend,
+  // Prune, DeleteTree, BeamSearch, Generate on a verification's tip) wait in WaitForStepLocked;
+  // the rest (CreateTree, Generate, Cancel, Verify's queueing, reads) go ahead.
+  step_in_flight_ = true;
+  for (const VerifyRider& r : riders) inflight_verify_tips_.insert({r.job->tree, r.job->node});
+  lock.unlock();
+  if (options_.before_unlocked_forward) options_.before_unlocked_forward();
   std::vector<float> logits;
   absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits);
+  lock.lock();
+  step_in_flight_ = false;
+  inflight_verify_tips_.clear();
+  step_cv_.notify_all();
   if (!s.ok()) {
     // A bug, not bad input: end everything that took part with the error.
     for (VerifyRider& r : riders) {
@@ -894,7 +923,8 @@ absl::StatusOr<BeamSearchResult> TreeEngine::BeamSearch(TreeId tree, NodeId node
   const LlamaConfig& c = model_->config();
   const int64_t vocab = c.vocab_size;
   const std::vector<int32_t>& eog = model_->tokenizer().end_of_generation_ids();
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  WaitForStepLocked(lock);
   auto start = cache_->GetNode(tree, node);
   if (!start.ok()) return start.status();
   if (!(*start)->children.empty()) {

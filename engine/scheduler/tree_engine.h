@@ -14,12 +14,13 @@
 // scheduler thread without the engine lock held; they must not block for long, and may call
 // back into the engine (except Verify, which waits for the scheduler: FAILED_PRECONDITION there).
 //
-// The engine lock is held for a whole step, the model's forward pass included. Releasing it
-// during the forward pass would let Fork split a node whose slots the step is writing (its
-// MarkComputed then lands on the wrong node), Prune/DeleteTree free blocks the step is writing
-// (and the pool hand them to another tree), and BeamSearch run its own steps on the shared
-// planner scratch and plan, so every such operation would first have to wait for (or pin
-// against) the nodes in flight; until that exists, operations arriving during a step wait for it.
+// The engine lock is released during a scheduler step's forward pass (its inputs are gathered
+// and its KV slots reserved before). Meanwhile CreateTree, Generate (except on the tip of a
+// verification in that step), Cancel, Verify's queueing and the reads proceed; Fork, Extend,
+// Prune, DeleteTree and BeamSearch wait for the forward pass to end, since they could split a
+// node the step writes (its MarkComputed would land on the wrong node) or free blocks it writes,
+// and BeamSearch runs steps of its own on the same planner scratch. BeamSearch's own steps keep
+// the lock throughout.
 #pragma once
 
 #include <chrono>
@@ -35,16 +36,16 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "engine/attention/partition_plan.h"
 #include "engine/model/generate.h"
 #include "engine/model/llama_model.h"
 #include "engine/sampler/sampler.h"
+#include "engine/scheduler/step_builder.h"
 #include "engine/tree/tree_kv_cache.h"
 
 namespace deft {
-
-class StepBuilder;
 
 struct EngineOptions {
   AttentionMode mode = AttentionMode::kFlatten;
@@ -53,6 +54,9 @@ struct EngineOptions {
   int32_t step_token_budget = 512;  // tokens fed per step (decode tips + prefill chunks)
   int32_t max_branches_per_generate = 256;
   PlannerOptions planner;  // mode is taken from `mode`
+  // Test hook: called on the scheduler thread right before each scheduler step's forward pass,
+  // with the engine lock released.
+  std::function<void()> before_unlocked_forward;
 };
 
 // One branch of a Generate call.
@@ -234,7 +238,10 @@ class TreeEngine {
              std::unique_ptr<KvBlockPool> pool);
   void SchedulerLoop();
   // Builds and runs one step; returns false when there was nothing to do.
-  bool RunStep(std::vector<Event>* events);
+  // REQUIRES: `lock` holds mu_; it is released during the step's forward pass.
+  bool RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>* events);
+  // Waits until no scheduler step is in its forward pass. REQUIRES: `lock` holds mu_.
+  void WaitForStepLocked(std::unique_lock<std::mutex>& lock);
   void FinishBranch(Generation& g, Branch& b, FinishReason reason, std::vector<Event>* events);
   // The node checks of Verify (NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE). REQUIRES: mu_ held.
   absl::Status CheckVerifyTargetLocked(const VerifyJob& job) const;
@@ -266,6 +273,10 @@ class TreeEngine {
   int64_t next_generation_ = 1;
   absl::flat_hash_map<int64_t, std::unique_ptr<Generation>> generations_;
   std::deque<VerifyJob*> verifies_;  // waiting, in arrival order
+  // A scheduler step is in its forward pass (mu_ released); step_cv_ signals its end.
+  bool step_in_flight_ = false;
+  absl::flat_hash_set<NodeKey> inflight_verify_tips_;  // tips of the verifications in it
+  std::condition_variable step_cv_;
   std::condition_variable verify_cv_;
   size_t round_robin_ = 0;  // rotates which tree's prefill goes first
   StepStats stats_;

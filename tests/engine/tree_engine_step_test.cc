@@ -1,16 +1,22 @@
-// Speculative verification inside the scheduler's batched step (TreeEngine::Verify): a draft
+// The scheduler's step, on the synthetic fp32 model (tests/engine/synthetic_model.h: fast, and
+// exact enough for token equality with decoding alone; tree_engine_workload_test.cc measures the
+// margins).
+//
+// VerifyInStep: speculative verification inside the batched step (TreeEngine::Verify): a draft
 // rides in the same step (one ForwardStep, one plan) as other trees' decode tips and prefill
 // chunks, and the results are those of verification alone: greedy acceptance commits the greedy
 // tokens, sampled acceptance commits exactly the tokens that sampling alone with the same seed
 // draws, drafts behind pending prefill or larger than the step budget still complete, and the
 // errors that only the scheduler can find (the pool) come back to the caller.
 //
-// On the synthetic fp32 model (tests/engine/synthetic_model.h): fast, and exact enough for token
-// equality with decoding alone (tree_engine_workload_test.cc measures the margins).
+// UnlockedForward: the engine lock is released during a step's forward pass: with the scheduler
+// held inside one (EngineOptions::before_unlocked_forward), CreateTree, Generate, Cancel and the
+// reads complete, while Fork and DeleteTree wait for the pass to end; every result stays exact.
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <future>
 #include <map>
 #include <mutex>
@@ -312,6 +318,168 @@ TEST(VerifyInStep, VerifyFromAnEngineCallbackIsRefused) {
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
   EXPECT_NE(s.message().find("callback"), std::string::npos) << s;
   done.get_future().wait();
+}
+
+// Holds the scheduler inside the first forward pass after Arm() until Release().
+struct ForwardGate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool armed = false, inside = false, released = false;
+  void Arm() {
+    std::lock_guard<std::mutex> lock(mu);
+    armed = true;
+  }
+  void Hook() {
+    std::unique_lock<std::mutex> lock(mu);
+    if (!armed || inside) return;
+    inside = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return released; });
+  }
+  bool WaitInside() {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(30), [&] { return inside; });
+  }
+  void Release() {
+    std::lock_guard<std::mutex> lock(mu);
+    released = true;
+    cv.notify_all();
+  }
+};
+
+// An engine whose scheduler stops at `gate` before its forward passes.
+std::unique_ptr<TreeEngine> MakeGatedEngine(const std::shared_ptr<ForwardGate>& gate) {
+  EngineOptions o;
+  o.before_unlocked_forward = [gate] { gate->Hook(); };
+  return MakeEngine(o);
+}
+
+template <typename T>
+bool ReadyWithin(std::future<T>& f, int ms) {
+  return f.wait_for(std::chrono::milliseconds(ms)) == std::future_status::ready;
+}
+
+// A generation's tokens and its end (callbacks run on the scheduler thread; read after `done`).
+struct Collected {
+  std::vector<int32_t> tokens;
+  std::promise<absl::Status> done;
+};
+
+GenerateCallbacks CollectInto(Collected* c) {
+  GenerateCallbacks cb;
+  cb.on_token = [c](NodeId, const SampledToken& t, std::string_view) {
+    if (t.id >= 0) c->tokens.push_back(t.id);
+  };
+  cb.on_done = [c](const absl::Status& s) { c->done.set_value(s); };
+  return cb;
+}
+
+TEST(UnlockedForward, CallsThatCannotDisturbTheStepProceedAndTheOthersWaitForIt) {
+  auto gate = std::make_shared<ForwardGate>();
+  std::unique_ptr<TreeEngine> engine = MakeGatedEngine(gate);
+  ASSERT_NE(engine, nullptr);
+  const int64_t baseline = engine->free_blocks();
+  std::mt19937 rng(7);
+  const std::vector<int32_t> prompt_a = RandomTokens(rng, 9), prompt_b = RandomTokens(rng, 7),
+                             prompt_c = RandomTokens(rng, 11);
+  auto a = engine->CreateTree(prompt_a);
+  auto b = engine->CreateTree(prompt_b);
+  auto d = engine->CreateTree(prompt_b);
+  ASSERT_TRUE(a.ok() && b.ok() && d.ok());
+
+  // A's first step (its prompt) is held inside its forward pass.
+  gate->Arm();
+  Collected got_a, got_c;
+  BranchRequest branch;
+  branch.node = 0;
+  branch.params = Greedy();
+  branch.params.max_tokens = 5;
+  ASSERT_TRUE(engine->Generate(*a, {branch}, CollectInto(&got_a)).ok());
+  ASSERT_TRUE(gate->WaitInside()) << "the scheduler never reached the forward pass";
+
+  // These complete while the forward pass is held (they would hang under the lock).
+  auto create = std::async(std::launch::async, [&] { return engine->CreateTree(prompt_c); });
+  // On failure the gate opens first, so that the blocked call (and the test) can end.
+  if (!ReadyWithin(create, 10000)) {
+    gate->Release();
+    FAIL() << "CreateTree waited for the forward pass";
+  }
+  auto c = create.get();
+  if (!c.ok()) gate->Release();
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto generate = std::async(std::launch::async,
+                             [&] { return engine->Generate(*c, {branch}, CollectInto(&got_c)); });
+  if (!ReadyWithin(generate, 10000)) {
+    gate->Release();
+    FAIL() << "Generate waited for the forward pass";
+  }
+  const absl::Status started = generate.get().status();
+  if (!started.ok()) gate->Release();
+  ASSERT_TRUE(started.ok()) << started;
+  auto reads = std::async(std::launch::async, [&] {
+    engine->Cancel(12345);  // no such generation: a no-op
+    int64_t nodes = 0;
+    engine->WithTrees([&](const TreeKvCache& cache) { nodes = cache.ListTrees().size(); });
+    return engine->stats().steps + nodes;
+  });
+  if (!ReadyWithin(reads, 10000)) {
+    gate->Release();
+    FAIL() << "reads waited for the forward pass";
+  }
+  EXPECT_EQ(reads.get(), 4);  // no step finished yet; trees a, b, c, d
+
+  // These would change what the step reads or writes: they wait until the pass ends.
+  auto fork = std::async(std::launch::async, [&] { return engine->Fork(*b, 0, 3, 1); });
+  auto remove = std::async(std::launch::async, [&] { return engine->DeleteTree(*d); });
+  EXPECT_FALSE(ReadyWithin(fork, 300)) << "Fork ran during the forward pass";
+  EXPECT_FALSE(ReadyWithin(remove, 10)) << "DeleteTree ran during the forward pass";
+  gate->Release();
+  EXPECT_TRUE(fork.get().ok());
+  EXPECT_TRUE(remove.get().ok());
+
+  ASSERT_TRUE(got_a.done.get_future().get().ok());
+  ASSERT_TRUE(got_c.done.get_future().get().ok());
+  EXPECT_EQ(got_a.tokens, DecodeAlone(prompt_a, 5, Greedy()));
+  EXPECT_EQ(got_c.tokens, DecodeAlone(prompt_c, 5, Greedy()));
+  ASSERT_TRUE(engine->DeleteTree(*a).ok());
+  ASSERT_TRUE(engine->DeleteTree(*b).ok());
+  ASSERT_TRUE(engine->DeleteTree(*c).ok());
+  EXPECT_EQ(engine->free_blocks(), baseline);
+}
+
+// Generate on the tip of a verification whose step is in its forward pass waits for the commit
+// (the tip is not generating yet, but the verification has checked that it will not be), then
+// decodes on from the committed tokens.
+TEST(UnlockedForward, GenerateOnATipBeingVerifiedWaitsForTheCommit) {
+  auto gate = std::make_shared<ForwardGate>();
+  std::unique_ptr<TreeEngine> engine = MakeGatedEngine(gate);
+  ASSERT_NE(engine, nullptr);
+  std::mt19937 rng(8);
+  const std::vector<int32_t> prompt = RandomTokens(rng, 10);
+  const std::vector<int32_t> greedy = DecodeAlone(prompt, 7, Greedy());
+  auto tree = engine->CreateTree(prompt);
+  ASSERT_TRUE(tree.ok());
+  gate->Arm();
+  auto verify = std::async(std::launch::async, [&] {
+    return engine->Verify(*tree, 0, std::vector<int32_t>{greedy[0], greedy[1], greedy[2]},
+                          std::vector<int32_t>{-1, 0, 1}, Greedy());
+  });
+  ASSERT_TRUE(gate->WaitInside());
+  Collected got;
+  BranchRequest branch;
+  branch.node = 0;
+  branch.params = Greedy();
+  branch.params.max_tokens = 3;
+  auto generate = std::async(std::launch::async,
+                             [&] { return engine->Generate(*tree, {branch}, CollectInto(&got)); });
+  EXPECT_FALSE(ReadyWithin(generate, 300)) << "Generate started on a tip being verified";
+  gate->Release();
+  auto r = verify.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tokens, std::vector<int32_t>(greedy.begin(), greedy.begin() + 4));
+  ASSERT_TRUE(generate.get().ok());
+  ASSERT_TRUE(got.done.get_future().get().ok());
+  EXPECT_EQ(got.tokens, std::vector<int32_t>(greedy.begin() + 4, greedy.end()));
 }
 
 }  // namespace
