@@ -358,6 +358,9 @@ __global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
     }
   }
   CpAsyncWait<0>();
+  // Programmatic dependent launch: the merge grid may be scheduled once every CTA got here (it
+  // still waits for this grid's completion and memory flush before reading the partials).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
@@ -449,6 +452,9 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
 // combined by shuffles at the end. Fixed entry order and shuffle tree: deterministic.
 template <typename T, int D>
 __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_constant__ MergeParams p) {
+  // Launched as a programmatic dependent of the chunk kernel: wait for its partial states (a
+  // no-op when launched normally).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   constexpr int kGroups = 4;                  // entries read side by side
   constexpr int kLanesPerEntry = 32 / kGroups;  // 8 lanes cover one o vector
   constexpr int kPer = D / kLanesPerEntry;      // floats per lane: 16 (D=128) or 8 (D=64)
@@ -549,8 +555,18 @@ cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
                  a.out,               a.plan.num_queries, a.num_heads};
   const int64_t warps = static_cast<int64_t>(a.plan.num_queries) * a.num_heads;
   if (warps > 0 && a.phases != TreeAttentionPhases::kChunkOnly) {
-    TreeAttentionMergeKernel<T, D><<<static_cast<unsigned>((warps + 3) / 4), 128, 0, stream>>>(mp);
-    return cudaGetLastError();
+    // After the chunk kernel, a programmatic dependent launch: its launch latency overlaps the
+    // chunk kernel's last CTAs instead of following them.
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>((warps + 3) / 4));
+    config.blockDim = dim3(128);
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = a.phases == TreeAttentionPhases::kBoth && a.plan.num_work > 0 ? 1 : 0;
+    return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D>, mp);
   }
   return cudaSuccess;
 }
