@@ -15,9 +15,10 @@
 // synchronize (upload of inputs and plan, all launches, logits left on the device), after 3
 // warm-up steps; "host enqueue" is the part before the synchronize. "graph" replays the same
 // step from a CUDA graph (a lower bound: real steps change the plan, see GpuBackendOptions).
-// "GEMMs" runs the step's projections alone (32 x QKV, O, gate/up, down + the output head, at
-// m = queries): the weight-streaming part of the floor. Sampling (device, temperature 1: the
-// costliest path) is timed apart.
+// "GEMMs" sums the device time of the step's projections (every layer's QKV, O, gate/up and
+// down, and the output head) from a profiled step (events between phases; the per-phase table
+// is printed last): the weight-streaming part, whose floor is the weights' bytes / bandwidth.
+// Sampling (device, temperature 1: the costliest path) is timed apart.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,12 +30,12 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "engine/attention/gpu_chunking.h"
 #include "engine/attention/workload_forest.h"
 #include "engine/gpu/device_kv_storage.h"
 #include "engine/gpu/gpu_backend.h"
-#include "kernels/model/gemm.h"
 #include "kernels/model/weight_kernels.h"
 
 ABSL_FLAG(std::string, model, "synthetic:llama3-8b", "synthetic model name");
@@ -78,43 +79,6 @@ double CopyBandwidth() {
   cudaFree(a);
   cudaFree(b);
   return 2.0 * bytes / Median(t);
-}
-
-// Median time of one step's GEMMs alone at m tokens (every layer's QKV, O, gate/up and down
-// projections and the output head), on scratch activations of random values.
-double TimeGemms(gpu::GpuBackend& gpu, int64_t m) {
-  const LlamaConfig& c = gpu.config();
-  std::unique_ptr<kernels::GemmRunner> gemm;
-  if (kernels::GemmRunner::Create(size_t{32} << 20, &gemm) != cudaSuccess) return 0;
-  const int64_t q = c.num_heads * c.head_dim, qkv = q + 2 * c.num_kv_heads * c.head_dim;
-  const int64_t widest = std::max({qkv, 2 * c.ffn_hidden, c.vocab_size});
-  const kernels::Dtype dt = gpu.weights().dtype();
-  gpu::DeviceBuffer in, out;
-  if (!in.Reserve(m * std::max(c.hidden, c.ffn_hidden) * 2).ok() ||
-      !out.Reserve(m * widest * 4).ok()) {
-    return 0;
-  }
-  kernels::LaunchSyntheticFill({in.get(), dt, m * std::max(c.hidden, c.ffn_hidden), 9, 1.f, 0.f},
-                               gpu.stream());
-  auto run = [&](const void* w, int64_t n, int64_t k, kernels::Dtype out_dt) {
-    gemm->Run({m, n, k, w, in.get(), out.get(), dt, out_dt, false}, gpu.stream());
-  };
-  std::vector<double> t;
-  for (int rep = 0; rep < 8; ++rep) {
-    cudaStreamSynchronize(gpu.stream());
-    const auto a = Clock::now();
-    for (int64_t l = 0; l < c.num_layers; ++l) {
-      const gpu::DeviceLayerWeights& L = gpu.weights().layer(l);
-      run(L.wqkv, qkv, c.hidden, dt);
-      run(L.wo, c.hidden, q, kernels::Dtype::kFloat32);
-      run(L.w_gate_up, 2 * c.ffn_hidden, c.hidden, dt);
-      run(L.w_down, c.hidden, c.ffn_hidden, kernels::Dtype::kFloat32);
-    }
-    run(gpu.weights().output(), c.vocab_size, c.hidden, kernels::Dtype::kFloat32);
-    cudaStreamSynchronize(gpu.stream());
-    if (rep >= 2) t.push_back(Seconds(a, Clock::now()));
-  }
-  return Median(t);
 }
 
 struct Workload {
@@ -188,6 +152,7 @@ int Run() {
   cost.num_kv_heads = static_cast<int32_t>(c.num_kv_heads);
   cost.head_dim = static_cast<int32_t>(c.head_dim);
   const std::vector<std::string> modes = absl::StrSplit(absl::GetFlag(FLAGS_modes), ',');
+  std::vector<std::string> breakdowns;
   for (const Workload& w : workloads) {
     const WorkloadForest& f = w.forest;
     const auto slots = f.ContiguousSlots(0);
@@ -207,7 +172,6 @@ int Run() {
       rows.push_back(static_cast<int32_t>(q));
     }
     const StepInput step{tokens, positions, kv_slots, rows};
-    const double gemm_s = TimeGemms(gpu, static_cast<int64_t>(rows.size()));
     double seq_tpot = 0, flatten_tpot = 0;
     for (const std::string& mode_name : modes) {
       AttentionMode mode;
@@ -256,6 +220,25 @@ int Run() {
         }
         if (i >= 1) sample_t.push_back(Seconds(a, Clock::now()));
       }
+      // Device time per phase of one more step, events between the phases.
+      gpu.set_profiling(true);
+      if (absl::Status s = gpu.ForwardStepOnDevice(step, pool, plan); !s.ok()) {
+        std::fprintf(stderr, "step: %s\n", s.ToString().c_str());
+        return 1;
+      }
+      auto phases = gpu.LastStepPhases();
+      gpu.set_profiling(false);
+      if (!phases.ok()) {
+        std::fprintf(stderr, "profile: %s\n", phases.status().ToString().c_str());
+        return 1;
+      }
+      std::string breakdown;
+      double gemm_s = 0;
+      for (const auto& [phase, sec] : *phases) {
+        if (phase.starts_with("gemm") || phase == "output head") gemm_s += sec;
+        breakdown += absl::StrFormat("%s%s %.2f", breakdown.empty() ? "" : ", ", phase, sec * 1e3);
+      }
+      breakdowns.push_back(absl::StrFormat("%s, %s: %s", w.name, mode_name, breakdown));
       const double floor = (weight_bytes + plan.kv_tokens_read * kv_token_bytes) / bw;
       const double tpot = Median(step_t);
       if (mode == AttentionMode::kSeq) seq_tpot = tpot;
@@ -274,6 +257,8 @@ int Run() {
                   100 * (seq_tpot / flatten_tpot) / w.io_speedup, w.io_speedup);
     }
   }
+  std::printf("\nDevice ms per phase of one step (events between phases, all layers):\n");
+  for (const std::string& b : breakdowns) std::printf("- %s\n", b.c_str());
   return 0;
 }
 

@@ -1,5 +1,6 @@
 #include "engine/gpu/gpu_backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -29,6 +30,7 @@ GpuBackend::GpuBackend(const LlamaConfig& config, const GpuBackendOptions& optio
 GpuBackend::~GpuBackend() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   ClearGraphs();
+  for (cudaEvent_t e : events_) cudaEventDestroy(e);
   if (uploaded_ != nullptr) cudaEventDestroy(uploaded_);
   if (host_inputs_ != nullptr) cudaFreeHost(host_inputs_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -174,7 +176,7 @@ absl::Status GpuBackend::ForwardStepOnDevice(const StepInput& step, KvBlockPool&
                                          static_cast<int32_t>(c.num_kv_heads),
                                          static_cast<int32_t>(c.head_dim), stream_));
   step_rows_ = rows;
-  if (!options_.cuda_graphs) return EnqueueStep(*kv, n, rows);
+  if (!options_.cuda_graphs || profile_) return EnqueueStep(*kv, n, rows);
   // Every value the step's launches take by value: equal keys replay the same graph (the
   // inputs and the plan were just uploaded to the same device addresses).
   GraphKey key;
@@ -238,6 +240,8 @@ absl::Status GpuBackend::EnqueueStep(const DeviceKvStorage& kv_storage, int64_t 
       static_cast<int32_t>(c.num_heads), static_cast<int32_t>(c.num_kv_heads),
       static_cast<int32_t>(c.head_dim)};
   const int32_t n32 = static_cast<int32_t>(n);
+  marks_.clear();
+  DEFT_RETURN_IF_ERROR(Mark("start"));
   DEFT_RETURN_IF_ERROR(CudaStatus(
       kernels::LaunchEmbedding(
           {weights_->token_embd(), dtype_, d_tokens_, x_.as<float>(), n32, static_cast<int32_t>(H)},
@@ -267,8 +271,11 @@ absl::Status GpuBackend::EnqueueStep(const DeviceKvStorage& kv_storage, int64_t 
   uint8_t* qkv = qkv_.as<uint8_t>();
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const DeviceLayerWeights& L = weights_->layer(l);
+    DEFT_RETURN_IF_ERROR(Mark("other"));
     DEFT_RETURN_IF_ERROR(norm(L.attn_norm, nullptr, n32));
+    DEFT_RETURN_IF_ERROR(Mark("rmsnorm"));
     DEFT_RETURN_IF_ERROR(Gemm(L.wqkv, xn_.get(), qkv, n, qkv_dim, H, dtype_, false));
+    DEFT_RETURN_IF_ERROR(Mark("gemm qkv"));
     DEFT_RETURN_IF_ERROR(rope(qkv, q_.get(), q_dim, c.num_heads));
     DEFT_RETURN_IF_ERROR(rope(qkv + q_dim * e, qkv + q_dim * e, qkv_dim, c.num_kv_heads));
     kernels::KvAppendParams append{qkv + q_dim * e,
@@ -281,6 +288,7 @@ absl::Status GpuBackend::EnqueueStep(const DeviceKvStorage& kv_storage, int64_t 
                                    n32,
                                    static_cast<int32_t>(kv_dim)};
     DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchKvAppend(append, stream_), "KV append"));
+    DEFT_RETURN_IF_ERROR(Mark("rope + kv append"));
     GpuAttentionLayer a = attn_shape;
     a.q = q_.get();
     a.out = attn_.get();
@@ -288,17 +296,58 @@ absl::Status GpuBackend::EnqueueStep(const DeviceKvStorage& kv_storage, int64_t 
     a.v = kv->v(l);
     a.kv_slot_stride = kv->slot_stride();
     DEFT_RETURN_IF_ERROR(attention_.Run(a, stream_));
+    DEFT_RETURN_IF_ERROR(Mark("attention"));
     DEFT_RETURN_IF_ERROR(Gemm(L.wo, attn_.get(), x_.get(), n, H, q_dim, Dtype::kFloat32, true));
+    DEFT_RETURN_IF_ERROR(Mark("gemm o"));
     DEFT_RETURN_IF_ERROR(norm(L.ffn_norm, nullptr, n32));
+    DEFT_RETURN_IF_ERROR(Mark("rmsnorm"));
     DEFT_RETURN_IF_ERROR(Gemm(L.w_gate_up, xn_.get(), gate_up_.get(), n, 2 * F, H, dtype_, false));
+    DEFT_RETURN_IF_ERROR(Mark("gemm gate/up"));
     kernels::SwigluParams sw{gate_up_.get(), ffn_.get(), dtype_, n32, static_cast<int32_t>(F)};
     DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchSwiglu(sw, stream_), "swiglu"));
+    DEFT_RETURN_IF_ERROR(Mark("swiglu"));
     DEFT_RETURN_IF_ERROR(Gemm(L.w_down, ffn_.get(), x_.get(), n, H, F, Dtype::kFloat32, true));
+    DEFT_RETURN_IF_ERROR(Mark("gemm down"));
   }
-  if (rows == 0) return absl::OkStatus();
-  DEFT_RETURN_IF_ERROR(norm(weights_->output_norm(), d_rows_, static_cast<int32_t>(rows)));
-  return Gemm(weights_->output(), xn_.get(), logits_.get(), rows, c.vocab_size, H, Dtype::kFloat32,
-              false);
+  if (rows > 0) {
+    DEFT_RETURN_IF_ERROR(Mark("other"));
+    DEFT_RETURN_IF_ERROR(norm(weights_->output_norm(), d_rows_, static_cast<int32_t>(rows)));
+    DEFT_RETURN_IF_ERROR(Gemm(weights_->output(), xn_.get(), logits_.get(), rows, c.vocab_size, H,
+                              Dtype::kFloat32, false));
+    DEFT_RETURN_IF_ERROR(Mark("output head"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GpuBackend::Mark(const char* phase) {
+  if (!profile_) return absl::OkStatus();
+  if (marks_.size() == events_.size()) {
+    cudaEvent_t e = nullptr;
+    DEFT_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&e), "profiling event"));
+    events_.push_back(e);
+  }
+  cudaEvent_t e = events_[marks_.size()];
+  marks_.push_back(phase);
+  return CudaStatus(cudaEventRecord(e, stream_), "profiling event");
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, double>>> GpuBackend::LastStepPhases() {
+  std::vector<std::pair<std::string, double>> out;
+  if (marks_.empty()) return out;
+  DEFT_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(events_[marks_.size() - 1]), "profile"));
+  for (size_t i = 1; i < marks_.size(); ++i) {
+    float ms = 0;
+    DEFT_RETURN_IF_ERROR(
+        CudaStatus(cudaEventElapsedTime(&ms, events_[i - 1], events_[i]), "profile"));
+    auto it =
+        std::find_if(out.begin(), out.end(), [&](const auto& p) { return p.first == marks_[i]; });
+    if (it == out.end()) {
+      out.emplace_back(marks_[i], ms * 1e-3);
+    } else {
+      it->second += ms * 1e-3;
+    }
+  }
+  return out;
 }
 
 absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool,

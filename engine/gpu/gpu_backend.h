@@ -18,6 +18,8 @@
 #include <cuda_runtime.h>
 
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -76,6 +78,13 @@ class GpuBackend : public StepBackend {
 
   cudaStream_t stream() const { return stream_; }
   void set_cuda_graphs(bool on) { options_.cuda_graphs = on; }
+  // Profiling: with it on, every step records an event after each phase (graphs are not used),
+  // and LastStepPhases() gives the device seconds per phase of the last step, summed over the
+  // layers, in first-seen order ("rmsnorm", "gemm qkv", "rope + kv append", "attention",
+  // "gemm o", "gemm gate/up", "swiglu", "gemm down", "output head", "other": embedding and the
+  // gaps between layers). Waits for the step.
+  void set_profiling(bool on) { profile_ = on; }
+  absl::StatusOr<std::vector<std::pair<std::string, double>>> LastStepPhases();
   int64_t graph_captures() const { return graph_captures_; }
   int64_t graph_replays() const { return graph_replays_; }
   const LlamaConfig& config() const { return config_; }
@@ -89,6 +98,7 @@ class GpuBackend : public StepBackend {
   // Queues every launch of the step (inputs and plan already uploaded).
   absl::Status EnqueueStep(const DeviceKvStorage& kv, int64_t n, int64_t rows);
   void ClearGraphs();
+  absl::Status Mark(const char* phase);  // records a profiling event when profiling
   absl::Status Gemm(const void* w, const void* x, void* y, int64_t m, int64_t n, int64_t k,
                     kernels::Dtype out, bool accumulate);
 
@@ -129,6 +139,9 @@ class GpuBackend : public StepBackend {
   std::vector<Graph> graphs_;
   int32_t max_entries_ = 0;
   int64_t graph_captures_ = 0, graph_replays_ = 0;
+  bool profile_ = false;
+  std::vector<cudaEvent_t> events_;  // reused across steps
+  std::vector<const char*> marks_;   // phase ended by events_[i]
 };
 
 }  // namespace deft::gpu
