@@ -21,6 +21,10 @@
 #include "engine/attention/partition_plan.h"
 #include "server/deft_server.h"
 
+#ifdef DEFT_GPU_BACKEND
+#include "engine/gpu/attach_backend.h"
+#endif
+
 namespace {
 
 std::string DefaultModelPath() {
@@ -37,6 +41,11 @@ ABSL_FLAG(std::string, model, DefaultModelPath(),
           "GGUF file or Hugging Face model directory (default: $DEFT_MODEL or the cached "
           "SmolLM2-135M-Instruct)");
 ABSL_FLAG(bool, exact, false, "Dequantize the weights to fp32 at load");
+ABSL_FLAG(bool, cpu, false,
+          "Run the model on the CPU even when a CUDA device is present (builds without CUDA always "
+          "do)");
+ABSL_FLAG(double, gpu_kv_fraction, 0.85,
+          "GPU backend: fraction of the free device memory (after the weights) the KV pool takes");
 ABSL_FLAG(int32_t, threads, 0, "Threads the model computes on (0: one per core)");
 ABSL_FLAG(std::string, attention_mode, "flatten", "Attention mode: seq, tree, node or flatten");
 ABSL_FLAG(int64_t, kv_pool_mb, 512, "KV pool size in MiB");
@@ -121,6 +130,23 @@ int main(int argc, char** argv) {
   }
   options.load_model = deft::server::ModelFromPath(
       absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_exact), absl::GetFlag(FLAGS_threads));
+  const double kv_fraction = absl::GetFlag(FLAGS_gpu_kv_fraction);
+  if (!(kv_fraction > 0 && kv_fraction <= 1)) return Fail("--gpu_kv_fraction must be in (0, 1]");
+#ifdef DEFT_GPU_BACKEND
+  // The GPU backend when a device is present (weights dequantized onto it at load; the KV pool in
+  // device memory), unless --cpu.
+  options.load_model = [load = std::move(options.load_model), cpu = absl::GetFlag(FLAGS_cpu),
+                        kv_fraction]() -> absl::StatusOr<std::unique_ptr<deft::LlamaModel>> {
+    auto model = load();
+    if (!model.ok()) return model.status();
+    deft::gpu::GpuBackendOptions gpu_options;
+    gpu_options.kv_memory_fraction = kv_fraction;
+    auto backend = deft::gpu::AttachStepBackend(**model, cpu, gpu_options);
+    if (!backend.ok()) return backend.status();
+    std::fprintf(stderr, "deft-server: the model runs on the %s\n", backend->c_str());
+    return model;
+  };
+#endif
 
   // Block the shutdown signals in every thread (gRPC's included); one thread waits for them.
   sigset_t signals;
