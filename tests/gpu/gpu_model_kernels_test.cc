@@ -261,63 +261,6 @@ TEST_P(ModelKernelsTest, CopyRowsCopiesBlocksOfEveryArrayExactly) {
   EXPECT_EQ(out, ref);
 }
 
-// Random blocks of a GGML type whose scale fields hold finite halves (random bytes elsewhere).
-std::vector<uint8_t> RandomBlocks(GgmlType type, int64_t rows, int64_t cols, std::mt19937_64& rng) {
-  const size_t row_bytes = RowBytes(type, cols);
-  std::vector<uint8_t> data(row_bytes * rows);
-  for (auto& b : data) b = static_cast<uint8_t>(rng());
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  auto put_half = [&](size_t at, float v) {
-    const uint16_t h = Fp32ToFp16(v);
-    std::memcpy(&data[at], &h, 2);
-  };
-  const GgmlTypeTraits* t = GetTypeTraits(static_cast<uint32_t>(type));
-  const size_t blocks = data.size() / t->block_bytes;
-  for (size_t b = 0; b < blocks; ++b) {
-    const size_t o = b * t->block_bytes;
-    switch (type) {
-      case GgmlType::kF32:
-      case GgmlType::kQ8_K: {
-        const float v = u(rng) * (type == GgmlType::kQ8_K ? 0.01f : 4.f);
-        std::memcpy(&data[o], &v, 4);
-        break;
-      }
-      case GgmlType::kF16:
-        put_half(o, u(rng) * 4.f);
-        break;
-      case GgmlType::kBF16: {
-        const uint16_t h = Fp32ToBf16(u(rng) * 4.f);
-        std::memcpy(&data[o], &h, 2);
-        break;
-      }
-      case GgmlType::kQ4_1:
-      case GgmlType::kQ5_1:
-      case GgmlType::kQ8_1:
-      case GgmlType::kQ4_K:
-      case GgmlType::kQ5_K:
-        put_half(o, u(rng) * 0.05f);
-        put_half(o + 2, u(rng) * 0.05f);
-        break;
-      case GgmlType::kQ4_0:
-      case GgmlType::kQ5_0:
-      case GgmlType::kQ8_0:
-        put_half(o, u(rng) * 0.05f);
-        break;
-      case GgmlType::kQ2_K:
-        put_half(o + 80, u(rng) * 0.05f);
-        put_half(o + 82, u(rng) * 0.05f);
-        break;
-      case GgmlType::kQ3_K:
-        put_half(o + 108, u(rng) * 0.05f);
-        break;
-      case GgmlType::kQ6_K:
-        put_half(o + 208, u(rng) * 0.05f);
-        break;
-    }
-  }
-  return data;
-}
-
 TEST_P(ModelKernelsTest, DequantIsBitIdenticalToCpuForEveryType) {
   const GgmlType types[] = {GgmlType::kF32,  GgmlType::kF16,  GgmlType::kBF16, GgmlType::kQ4_0,
                             GgmlType::kQ4_1, GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ8_0,
@@ -326,7 +269,7 @@ TEST_P(ModelKernelsTest, DequantIsBitIdenticalToCpuForEveryType) {
   const int64_t rows = 5, cols = 512;
   for (GgmlType type : types) {
     ASSERT_TRUE(kernels::GgmlTypeOnDevice(static_cast<int32_t>(type)));
-    const auto src = RandomBlocks(type, rows, cols, rng_);
+    const auto src = RandomBlocks(type, rows, cols, rng_, 1.f);
     const size_t row_bytes = RowBytes(type, cols);
     DeviceBuffer d_src = Upload(src), d_out = Poisoned(rows * cols * 2);
     kernels::DequantParams p{d_src.as<uint8_t>(),
