@@ -234,7 +234,6 @@ absl::Status GpuBackend::EnqueueStep(const DeviceKvStorage& kv_storage, int64_t 
   const int64_t H = c.hidden, q_dim = c.num_heads * c.head_dim,
                 kv_dim = c.num_kv_heads * c.head_dim;
   const int64_t qkv_dim = q_dim + 2 * kv_dim, F = c.ffn_hidden;
-  const size_t e = kernels::DtypeBytes(dtype_);
   const GpuAttentionLayer attn_shape{
       dtype_ == Dtype::kFloat16 ? kernels::KvDtype::kFloat16 : kernels::KvDtype::kBFloat16,
       static_cast<int32_t>(c.num_heads), static_cast<int32_t>(c.num_kv_heads),
@@ -252,22 +251,6 @@ absl::Status GpuBackend::EnqueueStep(const DeviceKvStorage& kv_storage, int64_t 
                              static_cast<int32_t>(H), c.rms_eps};
     return CudaStatus(kernels::LaunchRmsNorm(p, stream_), "rms norm");
   };
-  auto rope = [&](const void* in, void* out, int64_t out_stride, int64_t heads) {
-    kernels::RopeParams p{in,
-                          out,
-                          qkv_dim,
-                          out_stride,
-                          dtype_,
-                          n32,
-                          static_cast<int32_t>(heads),
-                          static_cast<int32_t>(c.head_dim),
-                          static_cast<int32_t>(c.rope_dim),
-                          c.rope_neox,
-                          d_positions_,
-                          inv_freq_.as<double>(),
-                          static_cast<double>(c.rope_linear_scale)};
-    return CudaStatus(kernels::LaunchRope(p, stream_), "rope");
-  };
   uint8_t* qkv = qkv_.as<uint8_t>();
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const DeviceLayerWeights& L = weights_->layer(l);
@@ -276,18 +259,24 @@ absl::Status GpuBackend::EnqueueStep(const DeviceKvStorage& kv_storage, int64_t 
     DEFT_RETURN_IF_ERROR(Mark("rmsnorm"));
     DEFT_RETURN_IF_ERROR(Gemm(L.wqkv, xn_.get(), qkv, n, qkv_dim, H, dtype_, false));
     DEFT_RETURN_IF_ERROR(Mark("gemm qkv"));
-    DEFT_RETURN_IF_ERROR(rope(qkv, q_.get(), q_dim, c.num_heads));
-    DEFT_RETURN_IF_ERROR(rope(qkv + q_dim * e, qkv + q_dim * e, qkv_dim, c.num_kv_heads));
-    kernels::KvAppendParams append{qkv + q_dim * e,
-                                   qkv + (q_dim + kv_dim) * e,
-                                   qkv_dim,
-                                   kv->k(l),
-                                   kv->v(l),
-                                   dtype_,
-                                   d_slots_,
-                                   n32,
-                                   static_cast<int32_t>(kv_dim)};
-    DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchKvAppend(append, stream_), "KV append"));
+    const kernels::RopeKvAppendParams rope{qkv,
+                                           qkv_dim,
+                                           q_.get(),
+                                           kv->k(l),
+                                           kv->v(l),
+                                           d_slots_,
+                                           d_positions_,
+                                           inv_freq_.as<double>(),
+                                           static_cast<double>(c.rope_linear_scale),
+                                           dtype_,
+                                           n32,
+                                           static_cast<int32_t>(c.num_heads),
+                                           static_cast<int32_t>(c.num_kv_heads),
+                                           static_cast<int32_t>(c.head_dim),
+                                           static_cast<int32_t>(c.rope_dim),
+                                           c.rope_neox};
+    DEFT_RETURN_IF_ERROR(
+        CudaStatus(kernels::LaunchRopeKvAppend(rope, stream_), "RoPE + KV append"));
     DEFT_RETURN_IF_ERROR(Mark("rope + kv append"));
     GpuAttentionLayer a = attn_shape;
     a.q = q_.get();

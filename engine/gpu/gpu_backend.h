@@ -4,10 +4,10 @@
 //
 // A step: the step's token ids, positions, KV slots and logit rows go up in one packed
 // cudaMemcpyAsync and the plan in another (GpuTreeAttention::Upload); then per layer RMSNorm ->
-// fused QKV GEMM -> RoPE (q to its own buffer, k in place) -> KV append -> tree attention ->
-// O GEMM added onto the fp32 residual -> RMSNorm -> fused gate/up GEMM -> SwiGLU -> down GEMM
-// added onto the residual; the output head runs on the logit rows only. ForwardStep copies the
-// logits to the host; ForwardStepOnDevice leaves them on the device for SampleOnDevice.
+// fused QKV GEMM -> RoPE + KV append (q to its own buffer, rotated k and v into the pool) -> tree
+// attention -> O GEMM added onto the fp32 residual -> RMSNorm -> fused gate/up GEMM -> SwiGLU ->
+// down GEMM added onto the residual; the output head runs on the logit rows only. ForwardStep
+// copies the logits to the host; ForwardStepOnDevice leaves them on the device for SampleOnDevice.
 //
 // Precision: weights, activations between kernels and the KV pool in `dtype` (bf16 by default),
 // residual stream and logits fp32, every GEMM accumulates in fp32.

@@ -1,4 +1,6 @@
 // Embedding gather, RMSNorm, RoPE, SwiGLU, KV append and row copies (layer_kernels.h).
+#include <algorithm>
+
 #include "kernels/model/dispatch.cuh"
 #include "kernels/model/layer_kernels.h"
 
@@ -44,33 +46,52 @@ __global__ void RmsNormKernel(const __grid_constant__ RmsNormParams p) {
   }
 }
 
-// One thread per (row, head, rotated pair), each computing its own angle: a per-pair loop over
-// the heads instead serialized 32 dependent load/store rounds per thread (in == out may alias)
-// and ran ~7 us per launch at Llama-3-8B decode shapes; fp64 sincos per thread costs far less.
+// One thread per (row, head, rotated pair), each computing its own angle (a per-pair loop over
+// the heads serialized 32 dependent load/store rounds per thread: ~7 us per launch at
+// Llama-3-8B decode shapes; fp64 sincos per thread costs far less). The same threads then copy
+// the pass-through dims and V.
 template <typename T>
-__global__ void RopeKernel(const __grid_constant__ RopeParams p) {
+__global__ void RopeKvAppendKernel(const __grid_constant__ RopeKvAppendParams p) {
   const int half = p.rope_dim / 2;
   const int r = blockIdx.y;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  const T* in = static_cast<const T*>(p.in) + r * p.in_row_stride;
-  T* out = static_cast<T*>(p.out) + r * p.out_row_stride;
-  if (idx < p.heads * half) {
+  const int heads = p.num_heads + p.num_kv_heads;
+  const int kv_dim = p.num_kv_heads * p.head_dim;
+  const int32_t slot = p.slots[r];
+  const T* in = static_cast<const T*>(p.qkv) + r * p.qkv_row_stride;
+  // Where head h of this row goes: Q heads to q_out, K heads to the pool (or nowhere).
+  auto head_out = [&](int h) -> T* {
+    if (h < p.num_heads) {
+      return static_cast<T*>(p.q_out) + (static_cast<int64_t>(r) * p.num_heads + h) * p.head_dim;
+    }
+    if (slot < 0) return nullptr;
+    return static_cast<T*>(p.k_pool) + static_cast<int64_t>(slot) * kv_dim +
+           static_cast<int64_t>(h - p.num_heads) * p.head_dim;
+  };
+  if (idx < heads * half) {
     const int h = idx / half, i = idx % half;
-    const double angle = static_cast<double>(p.positions[r]) / p.linear_scale * p.inv_freq[i];
-    double sd, cd;
-    sincos(angle, &sd, &cd);
-    const float cs = static_cast<float>(cd), sn = static_cast<float>(sd);
-    const int a = p.neox ? i : 2 * i, b = p.neox ? i + half : 2 * i + 1;
-    const int64_t base = static_cast<int64_t>(h) * p.head_dim;
-    const float x0 = ToFloat(in[base + a]), x1 = ToFloat(in[base + b]);
-    out[base + a] = FromFloat<T>(x0 * cs - x1 * sn);
-    out[base + b] = FromFloat<T>(x0 * sn + x1 * cs);
+    T* out = head_out(h);
+    if (out != nullptr) {
+      const double angle = static_cast<double>(p.positions[r]) / p.linear_scale * p.inv_freq[i];
+      double sd, cd;
+      sincos(angle, &sd, &cd);
+      const float cs = static_cast<float>(cd), sn = static_cast<float>(sd);
+      const int a = p.neox ? i : 2 * i, b = p.neox ? i + half : 2 * i + 1;
+      const T* v = in + static_cast<int64_t>(h) * p.head_dim;
+      const float x0 = ToFloat(v[a]), x1 = ToFloat(v[b]);
+      out[a] = FromFloat<T>(x0 * cs - x1 * sn);
+      out[b] = FromFloat<T>(x0 * sn + x1 * cs);
+    }
   }
-  // Dims past rope_dim (none for Llama) pass through.
-  const int rest = p.head_dim - p.rope_dim;
-  if (idx < p.heads * rest) {
-    const int64_t at = static_cast<int64_t>(idx / rest) * p.head_dim + p.rope_dim + idx % rest;
-    out[at] = in[at];
+  const int rest = p.head_dim - p.rope_dim;  // none for Llama
+  if (idx < heads * rest) {
+    const int h = idx / rest, d = p.rope_dim + idx % rest;
+    T* out = head_out(h);
+    if (out != nullptr) out[d] = in[static_cast<int64_t>(h) * p.head_dim + d];
+  }
+  if (idx < kv_dim && slot >= 0) {
+    static_cast<T*>(p.v_pool)[static_cast<int64_t>(slot) * kv_dim + idx] =
+        in[static_cast<int64_t>(heads) * p.head_dim + idx];
   }
 }
 
@@ -82,24 +103,6 @@ __global__ void SwigluKernel(const __grid_constant__ SwigluParams p) {
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < p.ffn; j += gridDim.x * blockDim.x) {
     const float g = ToFloat(gu[j]), u = ToFloat(gu[p.ffn + j]);
     out[j] = FromFloat<T>(g / (1.f + expf(-g)) * u);
-  }
-}
-
-// 16-byte vectors when every row start is aligned, else elements: the copies are exact either way.
-template <typename V>
-__global__ void KvAppendKernel(const __grid_constant__ KvAppendParams p, int vec_per_row,
-                               int64_t stride_vecs) {
-  const int r = blockIdx.y;
-  const int32_t slot = p.slots[r];
-  if (slot < 0) return;
-  const V* k = static_cast<const V*>(p.k) + r * stride_vecs;
-  const V* v = static_cast<const V*>(p.v) + r * stride_vecs;
-  V* kd = static_cast<V*>(p.k_pool) + static_cast<int64_t>(slot) * vec_per_row;
-  V* vd = static_cast<V*>(p.v_pool) + static_cast<int64_t>(slot) * vec_per_row;
-  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < vec_per_row;
-       j += gridDim.x * blockDim.x) {
-    kd[j] = k[j];
-    vd[j] = v[j];
   }
 }
 
@@ -136,15 +139,17 @@ cudaError_t LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream) {
   return LastLaunchError();
 }
 
-cudaError_t LaunchRope(const RopeParams& p, cudaStream_t stream) {
-  if (p.num_rows < 0 || p.heads <= 0 || p.rope_dim <= 0 || p.rope_dim % 2 != 0 ||
-      p.rope_dim > p.head_dim || p.num_rows > 65535) {
+cudaError_t LaunchRopeKvAppend(const RopeKvAppendParams& p, cudaStream_t stream) {
+  if (p.num_rows < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.rope_dim <= 0 ||
+      p.rope_dim % 2 != 0 || p.rope_dim > p.head_dim || p.num_rows > 65535) {
     return cudaErrorInvalidValue;
   }
   if (p.num_rows == 0) return cudaSuccess;
-  const int64_t per_row = int64_t{p.heads} * std::max(p.rope_dim / 2, p.head_dim - p.rope_dim);
+  const int64_t heads = int64_t{p.num_heads} + p.num_kv_heads;
+  const int64_t per_row = std::max({heads * (p.rope_dim / 2), heads * (p.head_dim - p.rope_dim),
+                                    int64_t{p.num_kv_heads} * p.head_dim});
   dim3 grid(Blocks(per_row), p.num_rows);
-  DEFT_DISPATCH_HALF(p.dtype, T, RopeKernel<T><<<grid, kThreads, 0, stream>>>(p));
+  DEFT_DISPATCH_HALF(p.dtype, T, RopeKvAppendKernel<T><<<grid, kThreads, 0, stream>>>(p));
   return LastLaunchError();
 }
 
@@ -153,25 +158,6 @@ cudaError_t LaunchSwiglu(const SwigluParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   dim3 grid(std::min(Blocks(p.ffn), 64), p.rows);
   DEFT_DISPATCH_HALF(p.dtype, T, SwigluKernel<T><<<grid, kThreads, 0, stream>>>(p));
-  return LastLaunchError();
-}
-
-cudaError_t LaunchKvAppend(const KvAppendParams& p, cudaStream_t stream) {
-  if (p.num_rows < 0 || p.kv_dim <= 0 || p.num_rows > 65535 || DtypeBytes(p.dtype) != 2) {
-    return cudaErrorInvalidValue;
-  }
-  if (p.num_rows == 0) return cudaSuccess;
-  const int64_t row_bytes = int64_t{p.kv_dim} * 2, stride_bytes = p.src_row_stride * 2;
-  const bool vec = row_bytes % 16 == 0 && stride_bytes % 16 == 0 && Aligned16(p.k) &&
-                   Aligned16(p.v) && Aligned16(p.k_pool) && Aligned16(p.v_pool);
-  const int unit = vec ? 16 : 2;
-  const int per_row = static_cast<int>(row_bytes / unit);
-  dim3 grid(std::min(Blocks(per_row), 8), p.num_rows);
-  if (vec) {
-    KvAppendKernel<uint4><<<grid, kThreads, 0, stream>>>(p, per_row, stride_bytes / unit);
-  } else {
-    KvAppendKernel<uint16_t><<<grid, kThreads, 0, stream>>>(p, per_row, stride_bytes / unit);
-  }
   return LastLaunchError();
 }
 

@@ -107,70 +107,97 @@ void RopeReference(std::vector<float>& x, int heads, int head_dim, int rope_dim,
   }
 }
 
-TEST_P(ModelKernelsTest, RopeMatchesCpuAtLargePositions) {
-  for (bool neox : {false, true}) {
-    const int rows = 6, heads = 5, head_dim = 128, in_stride = 7 * head_dim;
-    const int out_stride = heads * head_dim;
-    std::vector<double> inv_freq(head_dim / 2);
-    for (int i = 0; i < head_dim / 2; ++i) {
-      inv_freq[i] = std::pow(500000.0, -2.0 * i / head_dim) / (i % 3 == 0 ? 8.0 : 1.0);
-    }
-    std::vector<int64_t> pos(rows);
-    for (auto& q : pos) q = static_cast<int64_t>(rng_() % 131072);
-    const auto in = RandomHalf(size_t(rows) * in_stride, 2.f);
-    DeviceBuffer d_in = Upload(in), d_pos = Upload(pos), d_inv = Upload(inv_freq);
-    DeviceBuffer d_out = Poisoned(size_t(rows) * out_stride * 2);
-    kernels::RopeParams p{d_in.get(),
-                          d_out.get(),
-                          in_stride,
-                          out_stride,
-                          dtype(),
-                          rows,
-                          heads,
-                          head_dim,
-                          head_dim,
-                          neox,
-                          d_pos.as<int64_t>(),
-                          d_inv.as<double>(),
-                          1.0};
-    DEFT_CUDA_OK(kernels::LaunchRope(p, nullptr));
-    const auto out = Download<uint16_t>(d_out, size_t(rows) * out_stride);
-    double worst = 0;
-    for (int r = 0; r < rows; ++r) {
-      std::vector<float> ref(out_stride);
-      for (int j = 0; j < out_stride; ++j)
-        ref[j] = HalfValue(dtype(), in[size_t(r) * in_stride + j]);
-      RopeReference(ref, heads, head_dim, head_dim, neox, inv_freq, pos[r], 1.0);
-      for (int j = 0; j < out_stride; ++j) {
-        const double got = HalfValue(dtype(), out[size_t(r) * out_stride + j]);
-        ASSERT_FALSE(std::isnan(got)) << "unwritten output " << r << "," << j;
-        // One rounding of a value of magnitude up to |x0| + |x1|.
-        worst = std::max(worst, std::abs(got - ref[j]) / 4.0);
+// Runs LaunchRopeKvAppend on `rows` random fused QKV rows (num_heads Q, num_kv K, num_kv V heads)
+// into a poisoned pool of `slots` slots and q_out; checks Q and K against the CPU rotation within
+// one rounding, V exact, and that slots not named (or named by slot -1 rows) stay poisoned.
+void CheckRopeKvAppend(Dtype dtype, std::mt19937_64& rng, int rows, int heads, int kv_heads,
+                       int head_dim, bool neox, bool zero_positions) {
+  const int half = head_dim / 2, kv_dim = kv_heads * head_dim;
+  const int stride = (heads + 2 * kv_heads) * head_dim + 8;  // padded rows
+  const int slots = 4 * rows;
+  std::vector<double> inv_freq(half);
+  for (int i = 0; i < half; ++i) {
+    inv_freq[i] = std::pow(500000.0, -2.0 * i / head_dim) / (i % 3 == 0 ? 8.0 : 1.0);
+  }
+  std::vector<int64_t> pos(rows);
+  for (auto& q : pos) q = zero_positions ? 0 : static_cast<int64_t>(rng() % 131072);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  std::vector<uint16_t> qkv(size_t(rows) * stride);
+  for (auto& x : qkv) x = RoundHalf(dtype, u(rng));
+  std::vector<int32_t> perm(slots), slot(rows);
+  for (int i = 0; i < slots; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  for (int r = 0; r < rows; ++r) slot[r] = perm[r];
+  slot[rows / 2] = -1;  // a query-only token
+  DeviceBuffer d_qkv = Upload(qkv), d_pos = Upload(pos), d_inv = Upload(inv_freq);
+  DeviceBuffer d_slots = Upload(slot);
+  DeviceBuffer d_q = Poisoned(size_t(rows) * heads * head_dim * 2);
+  DeviceBuffer d_k = Poisoned(size_t(slots) * kv_dim * 2),
+               d_v = Poisoned(size_t(slots) * kv_dim * 2);
+  kernels::RopeKvAppendParams p{d_qkv.get(),
+                                stride,
+                                d_q.get(),
+                                d_k.get(),
+                                d_v.get(),
+                                d_slots.as<int32_t>(),
+                                d_pos.as<int64_t>(),
+                                d_inv.as<double>(),
+                                1.0,
+                                dtype,
+                                rows,
+                                heads,
+                                kv_heads,
+                                head_dim,
+                                head_dim,
+                                neox};
+  DEFT_CUDA_OK(kernels::LaunchRopeKvAppend(p, nullptr));
+  const auto q = Download<uint16_t>(d_q, size_t(rows) * heads * head_dim);
+  const auto k = Download<uint16_t>(d_k, size_t(slots) * kv_dim);
+  const auto v = Download<uint16_t>(d_v, size_t(slots) * kv_dim);
+  double worst = 0;
+  std::vector<bool> written(slots, false);
+  for (int r = 0; r < rows; ++r) {
+    // Reference: the CPU rotation of the row's Q and K heads.
+    std::vector<float> ref((heads + kv_heads) * head_dim);
+    for (size_t j = 0; j < ref.size(); ++j) ref[j] = HalfValue(dtype, qkv[size_t(r) * stride + j]);
+    RopeReference(ref, heads + kv_heads, head_dim, head_dim, neox, inv_freq, pos[r], 1.0);
+    auto check = [&](uint16_t got_bits, float want) {
+      const double got = HalfValue(dtype, got_bits);
+      if (zero_positions) {
+        EXPECT_EQ(got_bits, RoundHalf(dtype, want));  // position 0: the identity, exactly
       }
+      worst = std::max(worst, std::isnan(got) ? 1e9 : std::abs(got - want) / 4.0);
+    };
+    for (int j = 0; j < heads * head_dim; ++j) check(q[size_t(r) * heads * head_dim + j], ref[j]);
+    if (slot[r] < 0) continue;
+    written[slot[r]] = true;
+    for (int j = 0; j < kv_dim; ++j) {
+      check(k[size_t(slot[r]) * kv_dim + j], ref[heads * head_dim + j]);
+      ASSERT_EQ(v[size_t(slot[r]) * kv_dim + j],
+                qkv[size_t(r) * stride + (heads + kv_heads) * head_dim + j])
+          << "V of row " << r << " element " << j;
     }
-    EXPECT_LE(worst, RoundingLimit(dtype())) << "neox=" << neox;
+  }
+  // One rounding of a value of magnitude up to |x0| + |x1| (<= 4).
+  EXPECT_LE(worst, RoundingLimit(dtype)) << "neox=" << neox;
+  for (int s = 0; s < slots; ++s) {
+    if (written[s]) continue;
+    for (int j = 0; j < kv_dim; ++j) {
+      ASSERT_EQ(k[size_t(s) * kv_dim + j], 0xFFFF) << "slot " << s << " was written";
+      ASSERT_EQ(v[size_t(s) * kv_dim + j], 0xFFFF) << "slot " << s << " was written";
+    }
   }
 }
 
-TEST_P(ModelKernelsTest, RopeInPlaceEqualsOutOfPlace) {
-  const int rows = 3, heads = 4, head_dim = 64;
-  const int n = rows * heads * head_dim;
-  std::vector<double> inv_freq(head_dim / 2);
-  for (int i = 0; i < head_dim / 2; ++i) inv_freq[i] = std::pow(10000.0, -2.0 * i / head_dim);
-  const std::vector<int64_t> pos = {0, 17, 4095};
-  const auto in = RandomHalf(n, 1.f);
-  DeviceBuffer d_a = Upload(in), d_pos = Upload(pos), d_inv = Upload(inv_freq);
-  DeviceBuffer d_b = Poisoned(size_t(n) * 2);
-  kernels::RopeParams p{
-      d_a.get(), d_b.get(), heads * head_dim,    heads * head_dim,   dtype(), rows, heads, head_dim,
-      head_dim,  false,     d_pos.as<int64_t>(), d_inv.as<double>(), 1.0};
-  DEFT_CUDA_OK(kernels::LaunchRope(p, nullptr));
-  p.out = d_a.get();
-  DEFT_CUDA_OK(kernels::LaunchRope(p, nullptr));
-  const auto a = Download<uint16_t>(d_a, n), b = Download<uint16_t>(d_b, n);
-  EXPECT_EQ(a, b);
-  // Position 0 is the identity.
-  for (int j = 0; j < heads * head_dim; ++j) ASSERT_EQ(a[j], in[j]) << j;
+TEST_P(ModelKernelsTest, RopeKvAppendMatchesCpuAtLargePositions) {
+  for (bool neox : {false, true}) {
+    CheckRopeKvAppend(dtype(), rng_, 6, 32, 8, 128, neox, false);
+    CheckRopeKvAppend(dtype(), rng_, 5, 9, 3, 64, neox, false);  // SmolLM2's GQA 3
+  }
+}
+
+TEST_P(ModelKernelsTest, RopeKvAppendAtPositionZeroCopiesExactly) {
+  CheckRopeKvAppend(dtype(), rng_, 11, 8, 2, 128, false, true);
 }
 
 TEST_P(ModelKernelsTest, SwigluMatchesCpu) {
@@ -192,45 +219,6 @@ TEST_P(ModelKernelsTest, SwigluMatchesCpu) {
     }
   }
   EXPECT_LE(worst, RoundingLimit(dtype()) * 1.01);
-}
-
-TEST_P(ModelKernelsTest, KvAppendWritesExactlyTheGivenSlots) {
-  for (int kv_dim : {1024, 72}) {  // 16-byte vector path and the element path
-    const int rows = 11, slots = 64, stride = kv_dim * 3;
-    const auto src_k = RandomHalf(size_t(rows) * stride, 1.f);
-    const auto src_v = RandomHalf(size_t(rows) * stride, 1.f);
-    std::vector<int32_t> dst(rows);
-    std::vector<int32_t> perm(slots);
-    for (int i = 0; i < slots; ++i) perm[i] = i;
-    std::shuffle(perm.begin(), perm.end(), rng_);
-    for (int r = 0; r < rows; ++r) dst[r] = perm[r];
-    dst[4] = -1;  // a query-only token
-    DeviceBuffer d_k = Upload(src_k), d_v = Upload(src_v), d_slots = Upload(dst);
-    DeviceBuffer d_kp = Poisoned(size_t(slots) * kv_dim * 2);
-    DeviceBuffer d_vp = Poisoned(size_t(slots) * kv_dim * 2);
-    kernels::KvAppendParams p{
-        d_k.get(), d_v.get(), stride, d_kp.get(), d_vp.get(), dtype(), d_slots.as<int32_t>(),
-        rows,      kv_dim};
-    DEFT_CUDA_OK(kernels::LaunchKvAppend(p, nullptr));
-    const auto kp = Download<uint16_t>(d_kp, size_t(slots) * kv_dim);
-    const auto vp = Download<uint16_t>(d_vp, size_t(slots) * kv_dim);
-    std::vector<bool> written(slots, false);
-    for (int r = 0; r < rows; ++r) {
-      if (dst[r] < 0) continue;
-      written[dst[r]] = true;
-      ASSERT_EQ(std::memcmp(&kp[size_t(dst[r]) * kv_dim], &src_k[size_t(r) * stride], kv_dim * 2),
-                0);
-      ASSERT_EQ(std::memcmp(&vp[size_t(dst[r]) * kv_dim], &src_v[size_t(r) * stride], kv_dim * 2),
-                0);
-    }
-    for (int s = 0; s < slots; ++s) {
-      if (written[s]) continue;
-      for (int j = 0; j < kv_dim; ++j) {
-        ASSERT_EQ(kp[size_t(s) * kv_dim + j], 0xFFFF) << "slot " << s << " was written";
-        ASSERT_EQ(vp[size_t(s) * kv_dim + j], 0xFFFF) << "slot " << s << " was written";
-      }
-    }
-  }
 }
 
 TEST_P(ModelKernelsTest, CopyRowsCopiesBlocksOfEveryArrayExactly) {
