@@ -81,17 +81,19 @@ def server(tmp_path_factory):
         log.close()
 
 
+def _keyed_client(address, key):
+    """A client with `key`; the key's trees are deleted afterwards."""
+    with DeftClient(address, api_key=key, timeout=120) as c:
+        yield c
+        for t in c.list_trees():
+            c.delete_tree(t.tree_id)
+
+
 @pytest.fixture
 def client(server):
-    with DeftClient(server, api_key=KEY, timeout=120) as c:
-        yield c
-        for t in c.list_trees():
-            c.delete_tree(t.tree_id)
+    yield from _keyed_client(server, KEY)
 
 
 @pytest.fixture
-def small_client(server):
-    with DeftClient(server, api_key=SMALL_KEY, timeout=120) as c:
-        yield c
-        for t in c.list_trees():
-            c.delete_tree(t.tree_id)
+def small_client(server):  # kv_blocks=4, nodes=3
+    yield from _keyed_client(server, SMALL_KEY)
