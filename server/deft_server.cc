@@ -1,5 +1,9 @@
 #include "server/deft_server.h"
 
+#include <cstdio>
+#include <cstdlib>
+#include <string_view>
+
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
@@ -8,6 +12,9 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "engine/model/model_loader.h"
+#ifdef DEFT_GPU_BACKEND
+#include "engine/gpu/attach_backend.h"
+#endif
 #include "server/model_service.h"
 #include "server/tree_service.h"
 
@@ -24,17 +31,29 @@ void SetServing(grpc::Server& server, bool serving) {
 
 }  // namespace
 
-std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::string path,
-                                                                           bool exact,
-                                                                           int num_threads) {
-  return [path, exact, num_threads]() -> absl::StatusOr<std::unique_ptr<LlamaModel>> {
+ComputeBackend BackendFromEnvironment() {
+  const char* env = std::getenv("DEFT_BACKEND");
+  return env != nullptr && std::string_view(env) == "gpu" ? ComputeBackend::kGpuIfPresent
+                                                          : ComputeBackend::kCpu;
+}
+
+std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(
+    std::string path, bool exact, int num_threads, ComputeBackend backend) {
+  return [path, exact, num_threads, backend]() -> absl::StatusOr<std::unique_ptr<LlamaModel>> {
     LoadOptions options;
     options.dequantize_to_f32 = exact;
     auto loaded = deft::LoadModel(path, options);
     if (!loaded.ok()) return loaded.status();
     ModelOptions model_options;
     model_options.num_threads = num_threads;
-    return LlamaModel::Create(std::move(*loaded), model_options);
+    auto model = LlamaModel::Create(std::move(*loaded), model_options);
+    if (!model.ok() || backend == ComputeBackend::kCpu) return model;
+#ifdef DEFT_GPU_BACKEND
+    auto attached = gpu::AttachStepBackend(**model, /*force_cpu=*/false, gpu::GpuBackendOptions{});
+    if (!attached.ok()) return attached.status();
+    std::fprintf(stderr, "deft: the model runs on the %s backend\n", attached->c_str());
+#endif
+    return model;
   };
 }
 

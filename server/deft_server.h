@@ -46,11 +46,18 @@ struct ServerOptions {
   TokenObserver token_observer;      // bench/test hook (serving_state.h). null: none
 };
 
+// Where a loaded model computes: the CPU reference, or the GPU backend (engine/gpu) when the
+// build has CUDA and a device is present (the CPU otherwise).
+enum class ComputeBackend { kCpu, kGpuIfPresent };
+// The environment's choice for in-process servers (the end-to-end tests): DEFT_BACKEND=gpu gives
+// kGpuIfPresent; unset or "cpu" gives kCpu. deft-server itself decides by its flags (--cpu).
+ComputeBackend BackendFromEnvironment();
+
 // A loader for ServerOptions::load_model: the GGUF file or Hugging Face directory at `path`;
-// the model computes on `num_threads` threads (0: one per core).
-std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(std::string path,
-                                                                           bool exact,
-                                                                           int num_threads = 0);
+// the model computes on `num_threads` threads (0: one per core), on `backend`.
+std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(
+    std::string path, bool exact, int num_threads = 0,
+    ComputeBackend backend = BackendFromEnvironment());
 
 // Admits calls by API key (server/auth.h): the "authorization: Bearer <secret>" metadata names
 // the key, whose id owns the caller's trees; a read-only key may call only GetTree, ListTrees and

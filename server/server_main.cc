@@ -128,8 +128,10 @@ int main(int argc, char** argv) {
     if (!keys.ok()) return Fail("--api_keys: " + std::string(keys.status().message()));
     options.api_keys = std::make_shared<const deft::ApiKeys>(std::move(*keys));
   }
+  // The CPU here; the GPU backend is attached below by the flags (not by DEFT_BACKEND).
   options.load_model = deft::server::ModelFromPath(
-      absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_exact), absl::GetFlag(FLAGS_threads));
+      absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_exact), absl::GetFlag(FLAGS_threads),
+      deft::server::ComputeBackend::kCpu);
   const double kv_fraction = absl::GetFlag(FLAGS_gpu_kv_fraction);
   if (!(kv_fraction > 0 && kv_fraction <= 1)) return Fail("--gpu_kv_fraction must be in (0, 1]");
 #ifdef DEFT_GPU_BACKEND
