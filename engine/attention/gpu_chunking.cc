@@ -1,6 +1,8 @@
 #include "engine/attention/gpu_chunking.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <functional>
 #include <queue>
 #include <vector>
@@ -74,6 +76,28 @@ absl::StatusOr<PlannerOptions> ChooseGpuPlannerOptions(AttentionMode mode,
     }
   }
   return best;
+}
+
+absl::Status GpuChunkChooser::Plan(const PlannerOptions& base,
+                                   std::span<const PlanSegment> segments,
+                                   std::span<const PlanQuery> queries, PartitionPlan* plan) {
+  int64_t tokens = 0;
+  for (const PlanSegment& s : segments) tokens += static_cast<int64_t>(s.slots.size());
+  const bool moved = planner_ == nullptr || mode_ != base.mode || queries_ != queries.size() ||
+                     std::abs(tokens - tokens_) * 8 > tokens_;
+  if (moved) {
+    absl::StatusOr<PlannerOptions> chosen =
+        ChooseGpuPlannerOptions(base.mode, segments, queries, model_, plan);
+    if (!chosen.ok()) return chosen.status();
+    PlannerOptions options = *chosen;
+    options.bytes_per_kv_token = base.bytes_per_kv_token;  // the engine's IO accounting
+    planner_ = std::make_unique<PartitionPlanner>(options);
+    mode_ = base.mode;
+    queries_ = queries.size();
+    tokens_ = tokens;
+    ++choices_;
+  }
+  return planner_->Plan(segments, queries, plan);
 }
 
 }  // namespace deft

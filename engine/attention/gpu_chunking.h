@@ -18,6 +18,7 @@
 // Thread safety: stateless functions.
 #pragma once
 
+#include <memory>
 #include <span>
 
 #include "absl/status/statusor.h"
@@ -45,5 +46,27 @@ absl::StatusOr<PlannerOptions> ChooseGpuPlannerOptions(AttentionMode mode,
                                                        std::span<const PlanQuery> queries,
                                                        const GpuAttentionCostModel& model,
                                                        PartitionPlan* plan);
+
+// ChooseGpuPlannerOptions amortized over a decode: it chooses again only when the step's shape
+// moved (another mode or number of queries, or KV tokens changed by more than 1/8 since the last
+// choice) and otherwise plans with the options it chose last. A decode grows every tree by one
+// token per branch per step, so the choice (14 trial plans, 1-7 ms of host time on the
+// workloads) is made about once per 12% of growth, not every step. Not thread-safe.
+class GpuChunkChooser {
+ public:
+  explicit GpuChunkChooser(const GpuAttentionCostModel& model) : model_(model) {}
+  // Plans with base's mode and IO accounting (bytes_per_kv_token) and the chosen chunk sizes.
+  absl::Status Plan(const PlannerOptions& base, std::span<const PlanSegment> segments,
+                    std::span<const PlanQuery> queries, PartitionPlan* plan);
+  int64_t choices() const { return choices_; }
+
+ private:
+  GpuAttentionCostModel model_;
+  std::unique_ptr<PartitionPlanner> planner_;  // with the chosen options; null before a choice
+  AttentionMode mode_ = AttentionMode::kFlatten;
+  size_t queries_ = 0;
+  int64_t tokens_ = 0;
+  int64_t choices_ = 0;
+};
 
 }  // namespace deft

@@ -36,8 +36,27 @@ GpuBackend::~GpuBackend() {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
+absl::Status GpuBackend::Plan(PartitionPlanner& planner, std::span<const PlanSegment> segments,
+                              std::span<const PlanQuery> queries, PartitionPlan* plan) {
+  return chunk_chooser_->Plan(planner.options(), segments, queries, plan);
+}
+
 absl::Status GpuBackend::Init() {
   const LlamaConfig& c = config_;
+  {
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      sms = 132;
+    }
+    GpuAttentionCostModel m;
+    m.num_heads = static_cast<int32_t>(c.num_heads);
+    m.num_kv_heads = static_cast<int32_t>(c.num_kv_heads);
+    m.head_dim = static_cast<int32_t>(c.head_dim);
+    m.elem_bytes = 2;
+    m.sms = sms;
+    chunk_chooser_ = std::make_unique<GpuChunkChooser>(m);
+  }
   if (!CudaDevicePresent()) return absl::FailedPreconditionError("no CUDA device");
   if ((c.head_dim != 64 && c.head_dim != 128) || c.num_kv_heads <= 0 ||
       c.num_heads % c.num_kv_heads != 0 || c.num_heads / c.num_kv_heads > 8) {

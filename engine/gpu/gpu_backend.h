@@ -26,6 +26,7 @@
 #include "engine/gpu/cuda_util.h"
 #include "engine/gpu/device_kv_storage.h"
 #include "engine/gpu/device_weights.h"
+#include "engine/attention/gpu_chunking.h"
 #include "engine/gpu/gpu_tree_attention.h"
 #include "engine/model/llama_config.h"
 #include "engine/model/step_backend.h"
@@ -65,6 +66,10 @@ class GpuBackend : public StepBackend {
   int64_t KvPoolBlocks(const KvPoolShape& shape, int64_t requested_bytes) override;
   absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool, const PartitionPlan& plan,
                            std::vector<float>* logits) override;
+  // Chunk sizes for the GPU kernels (GpuChunkChooser: the cost model of gpu_chunking.h, chosen
+  // again when the step's shape moves), the mode and IO accounting of planner.options().
+  absl::Status Plan(PartitionPlanner& planner, std::span<const PlanSegment> segments,
+                    std::span<const PlanQuery> queries, PartitionPlan* plan) override;
 
   // The step without the logits' copy: they stay in device_logits() [logit rows, vocab] until
   // the next step. Queued on stream() (not synchronized).
@@ -92,6 +97,7 @@ class GpuBackend : public StepBackend {
 
  private:
   GpuBackend(const LlamaConfig& config, const GpuBackendOptions& options);
+  std::unique_ptr<GpuChunkChooser> chunk_chooser_;  // made in Init (needs the device's SMs)
   absl::Status Init();  // stream, GEMM runner, RoPE table; validates the shape
   absl::Status Reserve(int64_t tokens, int64_t logit_rows);
   absl::Status UploadStep(const StepInput& step);

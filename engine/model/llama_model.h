@@ -72,6 +72,12 @@ class LlamaModel {
   absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool, const PartitionPlan& plan,
                            std::vector<float>* logits);
 
+  // Plans a step for the current backend (StepBackend::Plan; the CPU: planner.Plan).
+  absl::Status PlanStep(PartitionPlanner& planner, std::span<const PlanSegment> segments,
+                        std::span<const PlanQuery> queries, PartitionPlan* plan) {
+    return backend_ ? backend_->Plan(planner, segments, queries, plan)
+                    : planner.Plan(segments, queries, plan);
+  }
   // Runs ForwardStep on `backend` from now on (nullptr: back to the CPU). Pools made before
   // belong to the old backend. REQUIRES: no step in flight.
   void SetStepBackend(std::unique_ptr<StepBackend> backend);

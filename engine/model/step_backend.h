@@ -37,6 +37,13 @@ class StepBackend {
   virtual KvStorageFactory kv_storage() = 0;
   // Blocks of the pool this backend would make for `shape` when asked for `requested_bytes`.
   virtual int64_t KvPoolBlocks(const KvPoolShape& shape, int64_t requested_bytes) = 0;
+  // Plans a step's attention for this backend. The CPU uses `planner` as given; a backend may
+  // choose its own chunk sizes (the GPU: engine/attention/gpu_chunking.h), keeping the mode and
+  // the IO accounting of planner.options().
+  virtual absl::Status Plan(PartitionPlanner& planner, std::span<const PlanSegment> segments,
+                            std::span<const PlanQuery> queries, PartitionPlan* plan) {
+    return planner.Plan(segments, queries, plan);
+  }
   // Runs the step. REQUIRES: the inputs passed LlamaModel::ForwardStep's validation and
   // `kv_pool`'s storage came from kv_storage().
   virtual absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool,

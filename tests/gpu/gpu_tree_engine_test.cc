@@ -2,10 +2,14 @@
 // branches, one of them forked again mid-prompt) generates the same greedy tokens with the model
 // on the GPU (KV pool in device memory via LlamaModel::NewKvPool) as on the CPU, in modes flatten
 // and seq. The synthetic model's output head is scaled up (logit_scale) so that its top two
-// logits are far apart compared with fp16 rounding: a flip would be a bug, not noise.
+// logits are usually far apart compared with fp16 rounding. The prompt is random, so a branch
+// can still meet a near-tie: tokens are compared up to the first position where the CPU's top
+// two log-probabilities are closer than kTieNats (after it the continuations may rightly
+// differ), and most of the tokens must be compared for the test to pass.
 #include <future>
 #include <map>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "engine/gpu/attach_backend.h"
@@ -38,8 +42,15 @@ std::unique_ptr<LlamaModel> TinyModel(bool on_gpu) {
   return std::move(*model);
 }
 
+constexpr float kTieNats = 0.05f;
+
+struct Branch {
+  std::vector<int32_t> tokens;
+  std::vector<float> margin;  // top-1 minus top-2 log-probability at each token
+};
+
 // Greedy tokens of every branch: three children of the whole prompt and one forked at 11.
-std::map<int, std::vector<int32_t>> Decode(bool on_gpu, AttentionMode mode,
+std::map<int, Branch> Decode(bool on_gpu, AttentionMode mode,
                                            const std::vector<int32_t>& prompt, int tokens,
                                            int64_t* blocks) {
   EngineOptions opts;
@@ -65,20 +76,22 @@ std::map<int, std::vector<int32_t>> Decode(bool on_gpu, AttentionMode mode,
     r.params.temperature = 0;
     r.params.max_tokens = tokens;
     r.params.ignore_eos = true;
+    r.params.top_logprobs = 2;
     branches.push_back(r);
   }
-  std::map<NodeId, std::vector<int32_t>> got;
+  std::map<NodeId, Branch> got;
   std::promise<absl::Status> done;
   GenerateCallbacks cb;
   cb.on_token = [&](NodeId node, const SampledToken& t, std::string_view) {
-    got[node].push_back(t.id);
+    got[node].tokens.push_back(t.id);
+    got[node].margin.push_back(t.top.size() >= 2 ? t.top[0].logprob - t.top[1].logprob : 1e9f);
   };
   cb.on_done = [&](const absl::Status& s) { done.set_value(s); };
   auto gen = (*engine)->Generate(*tree, branches, cb);
   EXPECT_TRUE(gen.ok()) << gen.status();
   const absl::Status s = done.get_future().get();
   EXPECT_TRUE(s.ok()) << s;
-  std::map<int, std::vector<int32_t>> out;
+  std::map<int, Branch> out;
   for (size_t i = 0; i < nodes.size(); ++i) out[static_cast<int>(i)] = got[nodes[i]];
   return out;
 }
@@ -89,7 +102,9 @@ class GpuTreeEngineTest : public ::testing::TestWithParam<AttentionMode> {
 };
 
 TEST_P(GpuTreeEngineTest, SameGreedyTokensAsOnTheCpu) {
-  std::mt19937_64 rng(std::random_device{}());
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("prompt seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   std::vector<int32_t> prompt(40);
   for (auto& t : prompt) t = static_cast<int32_t>(rng() % 8192);
   const int kTokens = 16;
@@ -97,10 +112,19 @@ TEST_P(GpuTreeEngineTest, SameGreedyTokensAsOnTheCpu) {
   const auto cpu = Decode(false, GetParam(), prompt, kTokens, &cpu_blocks);
   const auto gpu = Decode(true, GetParam(), prompt, kTokens, &gpu_blocks);
   EXPECT_GT(gpu_blocks, 0);
+  int compared = 0;
   for (int i = 0; i < 4; ++i) {
-    ASSERT_EQ(cpu.at(i).size(), size_t{kTokens}) << "branch " << i;
-    EXPECT_EQ(gpu.at(i), cpu.at(i)) << "branch " << i;
+    ASSERT_EQ(cpu.at(i).tokens.size(), size_t{kTokens}) << "branch " << i;
+    ASSERT_EQ(gpu.at(i).tokens.size(), size_t{kTokens}) << "branch " << i;
+    for (int p = 0; p < kTokens; ++p) {
+      if (cpu.at(i).margin[p] < kTieNats) break;  // a near-tie: this token and later may differ
+      ASSERT_EQ(gpu.at(i).tokens[p], cpu.at(i).tokens[p])
+          << "branch " << i << " token " << p << " (CPU top-2 margin "
+          << cpu.at(i).margin[p] << " nats)";
+      ++compared;
+    }
   }
+  EXPECT_GE(compared, 3 * kTokens) << "too many near-ties to compare the backends";
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, GpuTreeEngineTest,
