@@ -195,8 +195,12 @@ class GenerateStream final : public grpc::ServerWriteReactor<pb::GenerateEvent> 
   }
   void OnCancel() override {
     std::lock_guard<std::mutex> lock(core_->mu);
-    // gRPC cancels the call when its deadline passes, too: tell the two apart.
-    if (std::chrono::system_clock::now() >= core_->call_deadline) {
+    // gRPC cancels the call when its deadline passes, too: tell the two apart. The client gives
+    // up at its own deadline and resets the stream, which can reach us before our timer for the
+    // same deadline fires (ours starts when the request arrives, and a busy machine delays it):
+    // a cancel that close to the deadline is the deadline passing.
+    constexpr auto kDeadlineSlack = std::chrono::milliseconds(250);
+    if (std::chrono::system_clock::now() + kDeadlineSlack >= core_->call_deadline) {
       core_->deadline_exceeded = true;
     } else {
       core_->client_cancelled = true;
