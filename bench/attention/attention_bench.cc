@@ -4,7 +4,7 @@
 // anchors of ../shared/PERFORMANCE.md section 1 (radix, DeFT-Flatten, FastTree on H100).
 //
 // Method (PERFORMANCE.md): random inputs (never zeros) rounded to fp16/bf16, K/V in a paged pool
-// (16-token blocks in allocation order), L2 flushed (256 MB memset) before every run, CUDA events
+// (16-token blocks in allocation order), L2 flushed (--flush: a 256 MB read, or memset) before every run, CUDA events
 // around the step's launches (chunk kernel + merge kernel; the plan is uploaded once per step
 // and timed apart), warm-up, median of --reps runs; every mode is timed in two rounds and the
 // spread between rounds is reported. Each mode's output is checked against the fp32 CPU
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "bench/attention/l2_flush.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
@@ -52,6 +53,12 @@ ABSL_FLAG(int32_t, heads, 32, "query heads");
 ABSL_FLAG(int32_t, kv_heads, 8, "KV heads");
 ABSL_FLAG(int32_t, head_dim, 128, "head dim (64 or 128)");
 ABSL_FLAG(int32_t, reps, 200, "timed runs per mode and round");
+ABSL_FLAG(std::string, flush, "read",
+          "L2 flush before each timed run: read (a read-only kernel; L2 left clean) or memset "
+          "(L2 left dirty, as Triton's do_bench; its write-back lands in the timed run)");
+ABSL_FLAG(int32_t, chunk_tokens, 0,
+          "force this chunk size (flatten/node: chunk tokens; seq/tree: split size) instead of "
+          "the cost model's choice (0)");
 ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
 ABSL_FLAG(std::string, workloads, "", "workloads directory (default $DEFT_WORKLOADS_DIR or build's)");
 
@@ -227,6 +234,7 @@ struct Context {
   ThreadPool* threads;
   void* flush;
   size_t flush_bytes;
+  bench::FlushMode flush_mode;
   double bandwidth, gemm_rate;
   int32_t heads, kv_heads, head_dim, reps;
 };
@@ -300,7 +308,11 @@ std::vector<ModeResult> RunRow(const Context& ctx, const WorkloadForest& forest,
     ModeResult r;
     r.mode = std::string(AttentionModeName(modes[mi]));
     PartitionPlan plan;
-    auto options = ChooseGpuPlannerOptions(modes[mi], segments, forest.queries, model, &plan);
+    absl::StatusOr<PlannerOptions> options =
+        ChooseGpuPlannerOptions(modes[mi], segments, forest.queries, model, &plan);
+    if (const int32_t forced = absl::GetFlag(FLAGS_chunk_tokens); forced > 0 && options.ok()) {
+      options->min_chunk_tokens = options->max_chunk_tokens = options->seq_chunk_tokens = forced;
+    }
     if (!options.ok()) {
       std::fprintf(stderr, "%s\n", options.status().ToString().c_str());
       std::exit(1);
@@ -350,7 +362,7 @@ std::vector<ModeResult> RunRow(const Context& ctx, const WorkloadForest& forest,
       }
       std::vector<double> t;
       for (int i = 0; i < ctx.reps; ++i) {
-        CHECK_CUDA(cudaMemsetAsync(ctx.flush, i & 0xff, ctx.flush_bytes));
+        CHECK_CUDA(bench::FlushL2(ctx.flush, ctx.flush_bytes, ctx.flush_mode, i, nullptr));
         CHECK_CUDA(cudaEventRecord(start));
         if (!attention[mi].Run(layer, nullptr).ok()) std::exit(1);
         CHECK_CUDA(cudaEventRecord(stop));
@@ -366,7 +378,7 @@ std::vector<ModeResult> RunRow(const Context& ctx, const WorkloadForest& forest,
   for (size_t mi = 0; mi < modes.size(); ++mi) {  // the chunk kernel alone (merge = the rest)
     std::vector<double> t;
     for (int i = 0; i < ctx.reps; ++i) {
-      CHECK_CUDA(cudaMemsetAsync(ctx.flush, i & 0xff, ctx.flush_bytes));
+      CHECK_CUDA(bench::FlushL2(ctx.flush, ctx.flush_bytes, ctx.flush_mode, i, nullptr));
       CHECK_CUDA(cudaEventRecord(start));
       if (!attention[mi].Run(layer, nullptr, kernels::TreeAttentionPhases::kChunkOnly).ok()) {
         std::exit(1);
@@ -417,14 +429,23 @@ int Main(int argc, char** argv) {
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   ThreadPool threads(ThreadPool::DefaultThreadCount());
-  Context ctx{&threads, nullptr, size_t{256} << 20, 0, 0, absl::GetFlag(FLAGS_heads),
+  const std::string flush = absl::GetFlag(FLAGS_flush);
+  if (flush != "read" && flush != "memset") {
+    std::fprintf(stderr, "attention_bench: --flush is read or memset, not '%s'\n", flush.c_str());
+    return 2;
+  }
+  Context ctx{&threads, nullptr, size_t{256} << 20,
+              flush == "read" ? bench::FlushMode::kRead : bench::FlushMode::kMemset, 0, 0,
+              absl::GetFlag(FLAGS_heads),
               absl::GetFlag(FLAGS_kv_heads), absl::GetFlag(FLAGS_head_dim),
               absl::GetFlag(FLAGS_reps)};
   CHECK_CUDA(cudaMalloc(&ctx.flush, ctx.flush_bytes));
+  CHECK_CUDA(cudaMemset(ctx.flush, 0x5a, ctx.flush_bytes));
   ctx.bandwidth = MeasureBandwidth();
   ctx.gemm_rate = MeasureGemmRate();
-  std::printf("device %s, %d SMs; copy bandwidth %.3f TB/s, bf16 GEMM %.1f TFLOP/s\n", prop.name,
-              prop.multiProcessorCount, ctx.bandwidth / 1e12, ctx.gemm_rate / 1e12);
+  std::printf("device %s, %d SMs; copy bandwidth %.3f TB/s, bf16 GEMM %.1f TFLOP/s; L2 flush: %s\n",
+              prop.name, prop.multiProcessorCount, ctx.bandwidth / 1e12, ctx.gemm_rate / 1e12,
+              flush.c_str());
   nlohmann::json out = nlohmann::json::array();
   std::printf(
       "\n| tree | dtype | queries | unique KV | IO floor | compute floor | seq | tree | node | "
@@ -482,6 +503,7 @@ int Main(int argc, char** argv) {
                             {"compute_floor_us", compute_floor_us},
                             {"bandwidth_Bps", ctx.bandwidth},
                             {"gemm_flops", ctx.gemm_rate},
+                            {"l2_flush", flush},
                             {"device", prop.name}};
       if (it != kAnchors.end()) {
         row["anchor_radix_us"] = it->second.radix;

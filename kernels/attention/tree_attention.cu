@@ -20,6 +20,7 @@
 #include <mutex>
 
 #include "kernels/attention/tree_attention.h"
+#include "kernels/attention/wgmma_ops.cuh"
 
 namespace deft::kernels {
 namespace {
@@ -33,6 +34,13 @@ constexpr int kThreads = kWarps * 32;
 #endif
 #ifndef DEFT_ATTN_STAGES
 #define DEFT_ATTN_STAGES 3
+#endif
+#define DEFT_ATTN_SUB_TOKENS_IS_64 (DEFT_ATTN_SUB_TOKENS == 64)
+// wgmma exists on sm_90a only (the arch-specific feature set); other targets use mma.sync alone.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && DEFT_ATTN_SUB_TOKENS_IS_64
+#define DEFT_ATTN_WGMMA 1
+#else
+#define DEFT_ATTN_WGMMA 0
 #endif
 constexpr int kSubTokens = DEFT_ATTN_SUB_TOKENS;
 constexpr int kStages = DEFT_ATTN_STAGES;
@@ -109,10 +117,16 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr)
                : "r"(addr));
 }
 
-// Byte offset of (token, 16-byte column chunk) in a swizzled [64 tokens][D] sub-tile.
+// Byte offset of (token, 16-byte column chunk) in a sub-tile of K or V: the head dims are cut in
+// 64-value halves, each stored as [tokens][128 bytes] with the 128-byte swizzle (16-byte chunk
+// XOR token mod 8). That is wgmma's canonical SW128 layout (K-major for K, MN-major for V, atoms
+// of 8 tokens x 128 bytes; the ring is 1024-byte aligned), and ldmatrix of 8 tokens at one chunk
+// is conflict-free.
+constexpr int kHalfBytes = kSubTokens * 128;  // one 64-dim half of a sub-tile
 template <int D>
 __device__ __forceinline__ uint32_t TileOffset(int token, int chunk16) {
-  return static_cast<uint32_t>(token * (D * 2) + ((chunk16 ^ (token & 7)) << 4));
+  return static_cast<uint32_t>((chunk16 >> 3) * kHalfBytes + token * 128 +
+                               (((chunk16 & 7) ^ (token & 7)) << 4));
 }
 
 template <typename T, int D>
@@ -122,7 +136,8 @@ struct ChunkKernel {
   static constexpr int kStageBytes = 2 * kSubBytes;            // K then V
   static constexpr int kRingBytes = kStages * kStageBytes;     // D=128: 96 KiB, D=64: 48 KiB
   static constexpr int kMergeBytes = kWarps * 16 * (D + 2) * 4;  // o, m, l per warp row
-  static constexpr int kSmemBytes = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
+  // + 1 KiB: the ring starts at the first 1024-byte boundary (the swizzle atoms' alignment).
+  static constexpr int kSmemBytes = (kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes) + 1024;
   static constexpr int kKSteps = D / 16;
   static constexpr int kDTiles = D / 8;
 };
@@ -169,6 +184,86 @@ __device__ __forceinline__ void LoadSubTile(const ChunkParams& p, uint8_t* smem,
   }
 }
 
+// 2^x on the special-function unit (2^-inf = 0; subnormal results flush to 0).
+__device__ __forceinline__ float Ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Scores s (n-tiles of 8 tokens from t0; rows a and b of the thread's 16-row group) scaled,
+// masked by the visibility words, folded into the running (m, l) with o rescaled; s becomes the
+// probabilities. A thread holds cols 2*(lane%4)+{0,1} of each n-tile; a quad is a row.
+template <int D, int kN>
+__device__ __forceinline__ void OnlineSoftmax(const ChunkParams& p, float (&s)[kN][4], int t0,
+                                              uint64_t word_a, uint64_t word_b, float (&m)[2],
+                                              float (&l)[2], float (&o)[D / 8][4]) {
+  const int lane = threadIdx.x & 31;
+  const int c = 2 * (lane & 3);
+  float mx[2] = {-INFINITY, -INFINITY};
+  if (__all_sync(0xffffffffu, (word_a & word_b) == ~0ull)) {  // the warp's rows see every token
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] *= p.scale_log2;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e >> 1;
+        const int col = t0 + 8 * j + c + (e & 1);
+        const uint64_t w = row == 0 ? word_a : word_b;
+        const float v = ((w >> col) & 1ull) ? s[j][e] * p.scale_log2 : -INFINITY;
+        s[j][e] = v;
+        mx[row] = fmaxf(mx[row], v);
+      }
+    }
+  }
+  float alpha[2], base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m[r], mx[r]);
+    base[r] = m_new == -INFINITY ? 0.f : m_new;
+    alpha[r] = m_new == -INFINITY ? 1.f : Ex2(m[r] - m_new);
+    m[r] = m_new;
+    l[r] *= alpha[r];
+  }
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // a row's max moved
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float pv = Ex2(s[j][e] - base[e >> 1]);
+      s[j][e] = pv;
+      l[e >> 1] += pv;
+    }
+  }
+}
+
+// The A fragment (16 rows x 16 tokens) of k-step t of O += P V: n-tiles 2t and 2t+1 of P.
+template <typename T, int kN>
+__device__ __forceinline__ void PackP(const float (&s)[kN][4], int t, uint32_t (&a)[4]) {
+  a[0] = MmaOp<T>::pack(s[2 * t][0], s[2 * t][1]);
+  a[1] = MmaOp<T>::pack(s[2 * t][2], s[2 * t][3]);
+  a[2] = MmaOp<T>::pack(s[2 * t + 1][0], s[2 * t + 1][1]);
+  a[3] = MmaOp<T>::pack(s[2 * t + 1][2], s[2 * t + 1][3]);
+}
+
 // One warp's work on one sub-tile: tokens [t0, t0 + TW) of the sub-tile in `slot`, rows a (lane/4)
 // and b (lane/4 + 8) of its 16-row group with visibility words word_a / word_b (bit t: token t of
 // the sub-tile), online softmax into (m, l, o).
@@ -197,56 +292,12 @@ __device__ __forceinline__ void ComputeSubTile(const ChunkParams& p, const uint8
       MmaOp<T>::run(s[j], qf[kk + 1], b[2], b[3]);
     }
   }
-  // Scale, mask, row max (thread holds cols 2*(lane%4)+{0,1} of each n-tile; a quad is a row).
-  const int c = 2 * (lane & 3);
-  float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int j = 0; j < kN; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = e >> 1;
-      const int col = t0 + 8 * j + c + (e & 1);
-      const uint64_t w = row == 0 ? word_a : word_b;
-      const float v = ((w >> col) & 1ull) ? s[j][e] * p.scale_log2 : -INFINITY;
-      s[j][e] = v;
-      mx[row] = fmaxf(mx[row], v);
-    }
-  }
-  float alpha[2], base[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float m_new = fmaxf(m[r], mx[r]);
-    base[r] = m_new == -INFINITY ? 0.f : m_new;
-    alpha[r] = m_new == -INFINITY ? 1.f : exp2f(m[r] - m_new);
-    m[r] = m_new;
-    l[r] *= alpha[r];
-  }
-#pragma unroll
-  for (int n = 0; n < K::kDTiles; ++n) {
-    o[n][0] *= alpha[0];
-    o[n][1] *= alpha[0];
-    o[n][2] *= alpha[1];
-    o[n][3] *= alpha[1];
-  }
-#pragma unroll
-  for (int j = 0; j < kN; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float pv = exp2f(s[j][e] - base[e >> 1]);
-      s[j][e] = pv;
-      l[e >> 1] += pv;
-    }
-  }
+  OnlineSoftmax<D, kN>(p, s, t0, word_a, word_b, m, l, o);
   // O += P V: the accumulators of n-tiles 2t, 2t+1 are the A fragment of k-step t.
 #pragma unroll
   for (int t = 0; t < TW / 16; ++t) {
     uint32_t a[4];
-    a[0] = MmaOp<T>::pack(s[2 * t][0], s[2 * t][1]);
-    a[1] = MmaOp<T>::pack(s[2 * t][2], s[2 * t][3]);
-    a[2] = MmaOp<T>::pack(s[2 * t + 1][0], s[2 * t + 1][1]);
-    a[3] = MmaOp<T>::pack(s[2 * t + 1][2], s[2 * t + 1][3]);
+    PackP<T>(s, t, a);
     const int token = t0 + 16 * t + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int n = 0; n < K::kDTiles; n += 2) {
@@ -258,11 +309,74 @@ __device__ __forceinline__ void ComputeSubTile(const ChunkParams& p, const uint8
   }
 }
 
+#if DEFT_ATTN_WGMMA
+// The warpgroup's (all 4 warps, 64 rows: warp w holds rows 16w..16w+15) work on one 64-token
+// sub-tile with wgmma: S = Q K^T (Q from registers, K from the ring), online softmax in
+// registers, O += P V (P from registers, V from the ring, transposed B). Every warp of the CTA
+// must call it (the wgmma instructions are warpgroup-wide).
+template <typename T, int D>
+__device__ __forceinline__ void ComputeSubTileWg(const ChunkParams& p, const uint8_t* smem,
+                                                 int slot, uint64_t word_a, uint64_t word_b,
+                                                 const uint32_t (&qf)[D / 16][4], float (&m)[2],
+                                                 float (&l)[2], float (&o)[D / 8][4]) {
+  using K = ChunkKernel<T, D>;
+  const uint32_t kb = SmemAddr(smem + slot * K::kStageBytes);
+  const uint32_t vb = kb + K::kSubBytes;
+  float s[8][4];
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    // k-step kk: head dims 16kk..16kk+15, i.e. half kk/4, 32 bytes into its 128-byte rows.
+    const uint64_t desc = SmemDescSw128(kb + (kk >> 2) * kHalfBytes + (kk & 3) * 32, 16, 1024);
+    Wgmma<T>::N64(s, qf[kk], desc, kk > 0 ? 1 : 0);
+  }
+  WgmmaCommit();
+  WgmmaWaitAll();
+  WgmmaFenceOperands(s);
+  OnlineSoftmax<D, 8>(p, s, 0, word_a, word_b, m, l, o);
+  uint32_t a[4][4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) PackP<T>(s, t, a[t]);
+  WgmmaFenceOperands(o);
+  WgmmaFence();
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    // k-step t: tokens 16t..16t+15 = two 8-token atoms (2048 bytes) into each half.
+    const uint64_t desc = SmemDescSw128(vb + t * 2048, kHalfBytes, 1024);
+    if constexpr (D == 128) {
+      Wgmma<T>::N128Trans(o, a[t], desc, 1);
+    } else {
+      Wgmma<T>::N64Trans(o, a[t], desc, 1);
+    }
+  }
+  WgmmaCommit();
+  WgmmaWaitAll();
+  WgmmaFenceOperands(o);
+}
+#endif
+
+// Visibility words of the thread's rows a and b over the sub-tile starting at token tok0 of the
+// chunk (bit t: token tok0 + t is inside the chunk and, for a masked entry, visible to the row).
+__device__ __forceinline__ void VisibilityWords(const ChunkParams& p, int tok0, int chunk_len,
+                                                const bool (&valid)[2], const int64_t (&mask_at)[2],
+                                                uint64_t (&word)[2]) {
+  const int here = min(chunk_len - tok0, kSubTokens);  // tokens of the sub-tile inside the chunk
+  const uint64_t in_chunk = here >= 64 ? ~0ull : ((1ull << here) - 1ull);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    word[r] = !valid[r] ? 0ull
+                        : (mask_at[r] < 0
+                               ? in_chunk
+                               : (p.plan.masks[mask_at[r] + tok0 / 64] >> (tok0 & 63)) & in_chunk);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
     const __grid_constant__ ChunkParams p) {
   using K = ChunkKernel<T, D>;
-  extern __shared__ __align__(128) uint8_t smem[];
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
   const int item = blockIdx.x, kv_head = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int4 w = __ldg(reinterpret_cast<const int4*>(p.plan.work) + item);
@@ -270,7 +384,9 @@ __global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
   const int row0 = w.w & 0xffffff, rows = w.w >> 24;
   const int groups = (rows + 15) / 16;
   constexpr int kMaxSplits = kSubTokens / 16;  // a warp takes at least 16 tokens (one k-step)
-  const int splits = groups == 1 ? kMaxSplits : (groups == 2 ? min(2, kMaxSplits) : 1);
+  // Tiles of more than 16 rows run on wgmma where the target has it (all 4 warps, 64 rows).
+  const bool wg = DEFT_ATTN_WGMMA && groups >= 2;
+  const int splits = wg ? 1 : (groups == 1 ? kMaxSplits : (groups == 2 ? min(2, kMaxSplits) : 1));
   const int rg = warp / splits, split = warp % splits;
   const bool active = rg < groups;
 
@@ -324,7 +440,30 @@ __global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
   const int tw = kSubTokens / splits;
-  for (int sub = 0; sub < num_sub; ++sub) {
+#if DEFT_ATTN_WGMMA
+  for (int sub = 0; wg && sub < num_sub; ++sub) {
+    CpAsyncWait<kStages - 2>();
+    // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    uint64_t word[2];
+    VisibilityWords(p, sub * kSubTokens, chunk_len, valid, mask_at, word);
+    // Sub-tile `sub` landed for all, the slot of sub - 1 is free, and whether any row sees it.
+    const int seen = __syncthreads_or(!p.skip_masked || (word[0] | word[1]) != 0ull);
+    const int next = sub + kStages - 1;
+    if (next < num_sub) {
+      LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head);
+      if (next + 1 < num_sub) LoadSlots<T, D>(p, chunk_first, chunk_len, next + 1, slots);
+    }
+    CpAsyncCommit();
+    // Rows past the tile (zero Q, never written) take the unmasked path: they may not force
+    // the masked one on the others.
+    if (seen) {
+      ComputeSubTileWg<T, D>(p, smem, sub % kStages, valid[0] ? word[0] : ~0ull,
+                             valid[1] ? word[1] : ~0ull, qf, m, l, o);
+    }
+  }
+#endif
+  for (int sub = 0; !wg && sub < num_sub; ++sub) {
     CpAsyncWait<kStages - 2>();
     __syncthreads();  // sub-tile `sub` landed for all; slot of sub-1 free for reuse
     const int next = sub + kStages - 1;
@@ -334,21 +473,14 @@ __global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
     }
     CpAsyncCommit();
     if (!active) continue;
-    // Visibility words of rows a and b over this sub-tile.
-    const int tok0 = sub * kSubTokens, left = chunk_len - tok0;
-    const int here = min(left, kSubTokens);  // tokens of this sub-tile inside the chunk
-    const uint64_t in_chunk = here >= 64 ? ~0ull : ((1ull << here) - 1ull);
     uint64_t word[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      word[r] = !valid[r] ? 0ull
-                          : (mask_at[r] < 0
-                                 ? in_chunk
-                                 : (p.plan.masks[mask_at[r] + tok0 / 64] >> (tok0 & 63)) & in_chunk);
-    }
+    VisibilityWords(p, sub * kSubTokens, chunk_len, valid, mask_at, word);
     const int t0 = split * tw;
     const uint64_t mine = tw == 64 ? ~0ull : (((1ull << tw) - 1ull) << t0);
     if (p.skip_masked && !__any_sync(0xffffffffu, ((word[0] | word[1]) & mine) != 0ull)) continue;
+    // Rows past the tile (zero Q, never written) take the unmasked path (see the wgmma loop).
+    if (!valid[0]) word[0] = ~0ull;
+    if (!valid[1]) word[1] = ~0ull;
     if (tw == 16) {
       ComputeSubTile<T, D, 16>(p, smem, sub % kStages, t0, word[0], word[1], qf, m, l, o);
     } else if (tw == 32) {
@@ -452,9 +584,6 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
 // combined by shuffles at the end. Fixed entry order and shuffle tree: deterministic.
 template <typename T, int D>
 __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_constant__ MergeParams p) {
-  // Launched as a programmatic dependent of the chunk kernel: wait for its partial states (a
-  // no-op when launched normally).
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   constexpr int kGroups = 4;                  // entries read side by side
   constexpr int kLanesPerEntry = 32 / kGroups;  // 8 lanes cover one o vector
   constexpr int kPer = D / kLanesPerEntry;      // floats per lane: 16 (D=128) or 8 (D=64)
@@ -463,14 +592,19 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (gw >= static_cast<int64_t>(p.num_queries) * p.num_heads) return;
   const int query = static_cast<int>(gw / p.num_heads), head = static_cast<int>(gw % p.num_heads);
-  const int b = p.query_entry_begin[query], e = p.query_entry_begin[query + 1];
+  // The plan's arrays are not written by the chunk kernel: read them (and the first 32 entry ids)
+  // before waiting for its partial states, so that wait is followed by two dependent loads, not
+  // four. The wait is a no-op when launched normally.
+  const int b = __ldg(p.query_entry_begin + query), e = __ldg(p.query_entry_begin + query + 1);
+  int first_entry = lane < e - b ? __ldg(p.query_entries + b + lane) : 0;
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   float acc[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
   float mx = -INFINITY, sum = 0.f;
   for (int base = b; base < e; base += 32) {
     const int n = min(32, e - base);
-    const int my_entry = lane < n ? p.query_entries[base + lane] : 0;
+    const int my_entry = base == b ? first_entry : (lane < n ? p.query_entries[base + lane] : 0);
     const float my_lse =
         lane < n ? p.part_lse[static_cast<int64_t>(my_entry) * p.num_heads + head] : -INFINITY;
     float bm = my_lse;

@@ -1,0 +1,232 @@
+// bench/attention/stream_probe: how fast can one CTA per (chunk, KV head) stream a chain's K/V
+// out of the paged pool? A diagnostic for the attention chunk kernel's memory-bound rows: the same
+// bytes (a chain of N tokens, 8 KV heads x head dim 128, fp16, [slot][head][dim] pool: each head's
+// 256 bytes of a token sit at a 2 KiB stride), read by kernels that differ in one thing each:
+//   plain      : every thread loads 16-byte vectors into registers (8 in flight per thread), no
+//                shared memory: what the memory system gives to a load stream of this pattern
+//   ring S     : the chunk kernel's copy loop alone: 64-token sub-tiles by 16-byte cp.async into
+//                an S-stage ring, wait + __syncthreads per sub-tile, no math
+//   bulk S     : the same ring filled by cp.async.bulk (one 256-byte bulk copy per token row of K
+//                and of V) completing on an mbarrier per stage
+// each at chunk sizes 128..1024 tokens (grid = chunks x 8 KV heads), with --ctas_per_sm 1..4
+// (shared memory reserved to force it), L2 flushed by a 256 MB read before every run, CUDA
+// events, median of --reps. Prints microseconds and the read bandwidth.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "bench/attention/l2_flush.h"
+
+#define CHECK_CUDA(expr)                                                                     \
+  do {                                                                                       \
+    cudaError_t e_ = (expr);                                                                 \
+    if (e_ != cudaSuccess) {                                                                 \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+namespace {
+
+constexpr int kHeads = 8, kDim = 128, kSlotBytes = kHeads * kDim * 2, kRowBytes = kDim * 2;
+constexpr int kSub = 64;                        // tokens per sub-tile
+constexpr int kStage = 2 * kSub * kRowBytes;    // K and V: 32 KiB
+
+__device__ __forceinline__ uint32_t Smem(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__global__ void Plain(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink) {
+  const int c = blockIdx.x, h = blockIdx.y;
+  const int first = c * chunk, len = min(chunk, n - first);
+  uint32_t acc = 0;
+  const int pieces = len * 16;  // 16-byte pieces per tensor
+  for (int i0 = threadIdx.x; i0 < pieces; i0 += blockDim.x * 8) {
+    uint4 r[16];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int i = i0 + u * blockDim.x;
+      const size_t off = static_cast<size_t>(first + i / 16) * kSlotBytes + h * kRowBytes + (i % 16) * 16;
+      if (i < pieces) {
+        r[2 * u] = __ldcg(reinterpret_cast<const uint4*>(k + off));
+        r[2 * u + 1] = __ldcg(reinterpret_cast<const uint4*>(v + off));
+      } else {
+        r[2 * u] = r[2 * u + 1] = make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 16; ++u) acc ^= r[u].x ^ r[u].w;
+  }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+template <int S>
+__global__ void Ring(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int c = blockIdx.x, h = blockIdx.y;
+  const int first = c * chunk, len = min(chunk, n - first);
+  const int subs = (len + kSub - 1) / kSub;
+  auto issue = [&](int sub) {
+    uint8_t* dst = smem + (sub % S) * kStage;
+#pragma unroll
+    for (int j = 0; j < kSub * 16 / 128; ++j) {
+      const int i = threadIdx.x + 128 * j, t = sub * kSub + i / 16;
+      const bool ok = t < len;
+      const size_t off = static_cast<size_t>(first + (ok ? t : 0)) * kSlotBytes + h * kRowBytes + (i % 16) * 16;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(Smem(dst + i * 16)),
+                   "l"(k + off), "r"(ok ? 16 : 0));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(Smem(dst + kStage / 2 + i * 16)),
+                   "l"(v + off), "r"(ok ? 16 : 0));
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < subs) issue(s);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  uint32_t acc = 0;
+  for (int sub = 0; sub < subs; ++sub) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(S - 2));
+    __syncthreads();
+    if (sub + S - 1 < subs) issue(sub + S - 1);
+    asm volatile("cp.async.commit_group;\n" ::);
+    acc ^= reinterpret_cast<const uint32_t*>(smem + (sub % S) * kStage)[threadIdx.x * 64];
+  }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+template <int S>
+__global__ void Bulk(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ __align__(8) uint64_t bar[S];
+  const int c = blockIdx.x, h = blockIdx.y;
+  const int first = c * chunk, len = min(chunk, n - first);
+  const int subs = (len + kSub - 1) / kSub;
+  if (threadIdx.x < S) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(Smem(&bar[threadIdx.x])));
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
+  __syncthreads();
+  // Threads 0..63 each copy one token's K and V rows; thread 0 arms the stage's barrier first.
+  auto issue = [&](int sub) {
+    const int slot = sub % S;
+    const int here = min(kSub, len - sub * kSub);
+    if (threadIdx.x == 0) {
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(Smem(&bar[slot])),
+                   "r"(here * 2 * kRowBytes));
+    }
+    __syncwarp();
+    if (threadIdx.x < here) {
+      const int t = sub * kSub + threadIdx.x;
+      const size_t off = static_cast<size_t>(first + t) * kSlotBytes + h * kRowBytes;
+      uint8_t* dst = smem + slot * kStage + threadIdx.x * kRowBytes;
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+              Smem(dst)),
+          "l"(k + off), "r"(kRowBytes), "r"(Smem(&bar[slot]))
+          : "memory");
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+              Smem(dst + kStage / 2)),
+          "l"(v + off), "r"(kRowBytes), "r"(Smem(&bar[slot]))
+          : "memory");
+    }
+  };
+  if (threadIdx.x < 64) {
+    for (int s = 0; s < S - 1 && s < subs; ++s) issue(s);
+  }
+  uint32_t acc = 0;
+  for (int sub = 0; sub < subs; ++sub) {
+    const int slot = sub % S;
+    const uint32_t parity = (sub / S) & 1;
+    asm volatile(
+        "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        " @!p bra WAIT_%=;\n}\n" ::"r"(Smem(&bar[slot])),
+        "r"(parity)
+        : "memory");
+    acc ^= reinterpret_cast<const uint32_t*>(smem + slot * kStage)[threadIdx.x * 64];
+    __syncthreads();  // everyone is done with slot (sub - 1) % S before it is refilled
+    if (threadIdx.x < 64 && sub + S - 1 < subs) issue(sub + S - 1);
+  }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int n = 8000, reps = 50;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--tokens=", 9) == 0) n = std::atoi(argv[i] + 9);
+    if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::atoi(argv[i] + 7);
+  }
+  const size_t bytes = static_cast<size_t>(n + 64) * kSlotBytes;
+  uint8_t *k, *v, *flush;
+  uint32_t* sink;
+  CHECK_CUDA(cudaMalloc(&k, bytes));
+  CHECK_CUDA(cudaMalloc(&v, bytes));
+  CHECK_CUDA(cudaMemset(k, 1, bytes));
+  CHECK_CUDA(cudaMemset(v, 2, bytes));
+  const size_t flush_bytes = size_t{256} << 20;
+  CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+  CHECK_CUDA(cudaMemset(flush, 3, flush_bytes));
+  CHECK_CUDA(cudaMalloc(&sink, 4));
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  const double read_bytes = 2.0 * n * kHeads * kRowBytes;
+  std::printf("chain of %d tokens: %.1f MB of K+V; microseconds (TB/s read)\n", n, read_bytes / 1e6);
+  auto time = [&](auto launch) {
+    std::vector<double> t;
+    for (int i = 0; i < reps + 5; ++i) {
+      CHECK_CUDA(deft::bench::FlushL2(flush, flush_bytes, deft::bench::FlushMode::kRead, i, nullptr));
+      CHECK_CUDA(cudaEventRecord(a));
+      launch();
+      CHECK_CUDA(cudaEventRecord(b));
+      CHECK_CUDA(cudaEventSynchronize(b));
+      CHECK_CUDA(cudaGetLastError());
+      float ms = 0;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+      if (i >= 5) t.push_back(ms * 1e3);
+    }
+    return Median(t);
+  };
+  const int chunks_list[] = {64, 128, 256, 512, 1024};
+  std::printf("| kernel | ctas/SM | chunk 64 | 128 | 256 | 512 | 1024 |\n|---|---|---|---|---|---|---|\n");
+  auto row = [&](const char* name, int ctas, auto kernel, int stages) {
+    // Shared memory per CTA sized so at most `ctas` fit on an SM (228 KB per SM).
+    const int smem = std::max(stages * kStage, 220 * 1024 / ctas);
+    if (smem > 227 * 1024) return;
+    CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    std::printf("| %s | %d |", name, ctas);
+    for (int chunk : chunks_list) {
+      const dim3 grid((n + chunk - 1) / chunk, kHeads);
+      const double us = time([&] { kernel<<<grid, 128, smem>>>(k, v, chunk, n, sink); });
+      std::printf(" %.1f (%.2f) |", us, read_bytes / us / 1e6);
+    }
+    std::printf("\n");
+    std::fflush(stdout);
+  };
+  for (int ctas : {1, 2, 4}) {
+    row("plain", ctas, Plain, 0);
+    row("ring 2", ctas, Ring<2>, 2);
+    row("ring 3", ctas, Ring<3>, 3);
+    row("ring 4", ctas, Ring<4>, 4);
+    row("ring 6", ctas, Ring<6>, 6);
+    row("bulk 2", ctas, Bulk<2>, 2);
+    row("bulk 3", ctas, Bulk<3>, 3);
+    row("bulk 4", ctas, Bulk<4>, 4);
+    row("bulk 6", ctas, Bulk<6>, 6);
+  }
+  return 0;
+}
