@@ -49,7 +49,11 @@ std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(
     auto model = LlamaModel::Create(std::move(*loaded), model_options);
     if (!model.ok() || backend == ComputeBackend::kCpu) return model;
 #ifdef DEFT_GPU_BACKEND
-    auto attached = gpu::AttachStepBackend(**model, /*force_cpu=*/false, gpu::GpuBackendOptions{});
+    // Exact serving on the GPU: batch-invariant steps (a branch decodes the same alone or
+    // beside others, as on the CPU reference).
+    gpu::GpuBackendOptions gpu_options;
+    gpu_options.batch_invariant = exact;
+    auto attached = gpu::AttachStepBackend(**model, /*force_cpu=*/false, gpu_options);
     if (!attached.ok()) return attached.status();
     std::fprintf(stderr, "deft: the model runs on the %s backend\n", attached->c_str());
 #endif

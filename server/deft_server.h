@@ -54,7 +54,8 @@ enum class ComputeBackend { kCpu, kGpuIfPresent };
 ComputeBackend BackendFromEnvironment();
 
 // A loader for ServerOptions::load_model: the GGUF file or Hugging Face directory at `path`;
-// the model computes on `num_threads` threads (0: one per core), on `backend`.
+// the model computes on `num_threads` threads (0: one per core), on `backend`. `exact`: weights
+// dequantized to fp32 at load, and on the GPU batch-invariant steps (GpuBackendOptions).
 std::function<absl::StatusOr<std::unique_ptr<LlamaModel>>()> ModelFromPath(
     std::string path, bool exact, int num_threads = 0,
     ComputeBackend backend = BackendFromEnvironment());

@@ -40,7 +40,9 @@ ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "Address to listen on (host:port
 ABSL_FLAG(std::string, model, DefaultModelPath(),
           "GGUF file or Hugging Face model directory (default: $DEFT_MODEL or the cached "
           "SmolLM2-135M-Instruct)");
-ABSL_FLAG(bool, exact, false, "Dequantize the weights to fp32 at load");
+ABSL_FLAG(bool, exact, false,
+          "Dequantize the weights to fp32 at load; on the GPU, batch-invariant steps (a branch "
+          "decodes the same alone or beside others, at a cost in speed)");
 ABSL_FLAG(bool, cpu, false,
           "Run the model on the CPU even when a CUDA device is present (builds without CUDA always "
           "do)");
@@ -138,11 +140,12 @@ int main(int argc, char** argv) {
   // The GPU backend when a device is present (weights dequantized onto it at load; the KV pool in
   // device memory), unless --cpu.
   options.load_model = [load = std::move(options.load_model), cpu = absl::GetFlag(FLAGS_cpu),
-                        kv_fraction]() -> absl::StatusOr<std::unique_ptr<deft::LlamaModel>> {
+                        kv_fraction, exact = absl::GetFlag(FLAGS_exact)]() -> absl::StatusOr<std::unique_ptr<deft::LlamaModel>> {
     auto model = load();
     if (!model.ok()) return model.status();
     deft::gpu::GpuBackendOptions gpu_options;
     gpu_options.kv_memory_fraction = kv_fraction;
+    gpu_options.batch_invariant = exact;
     auto backend = deft::gpu::AttachStepBackend(**model, cpu, gpu_options);
     if (!backend.ok()) return backend.status();
     std::fprintf(stderr, "deft-server: the model runs on the %s\n", backend->c_str());

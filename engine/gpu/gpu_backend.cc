@@ -38,6 +38,12 @@ GpuBackend::~GpuBackend() {
 
 absl::Status GpuBackend::Plan(PartitionPlanner& planner, std::span<const PlanSegment> segments,
                               std::span<const PlanQuery> queries, PartitionPlan* plan) {
+  if (options_.batch_invariant) {
+    PlannerOptions o = planner.options();
+    o.mode = AttentionMode::kSeq;
+    o.seq_chunk_tokens = options_.invariant_chunk_tokens;
+    return PartitionPlanner(o).Plan(segments, queries, plan);
+  }
   return chunk_chooser_->Plan(planner.options(), segments, queries, plan);
 }
 
@@ -58,6 +64,10 @@ absl::Status GpuBackend::Init() {
     chunk_chooser_ = std::make_unique<GpuChunkChooser>(m);
   }
   if (!CudaDevicePresent()) return absl::FailedPreconditionError("no CUDA device");
+  if (options_.batch_invariant && options_.invariant_chunk_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("invariant_chunk_tokens must be >= 1, not ",
+                                                   options_.invariant_chunk_tokens));
+  }
   if ((c.head_dim != 64 && c.head_dim != 128) || c.num_kv_heads <= 0 ||
       c.num_heads % c.num_kv_heads != 0 || c.num_heads / c.num_kv_heads > 8) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -171,7 +181,7 @@ absl::Status GpuBackend::UploadStep(const StepInput& step) {
 
 absl::Status GpuBackend::Gemm(const void* w, const void* x, void* y, int64_t m, int64_t n,
                               int64_t k, Dtype out, bool accumulate) {
-  kernels::GemmParams p{m, n, k, w, x, y, dtype_, out, accumulate};
+  kernels::GemmParams p{m, n, k, w, x, y, dtype_, out, accumulate, options_.batch_invariant};
   const cudaError_t e = gemm_->Run(p, stream_);
   if (e == cudaErrorNotSupported) {
     return absl::InternalError(absl::StrCat("GEMM ", m, "x", n, "x", k, ": ", gemm_->last_error()));

@@ -46,6 +46,14 @@ struct GpuBackendOptions {
   // changes every step and capturing only adds host time (measured by bench/gpu_decode, where
   // a repeated identical step replays: 0.5-0.8 ms less per Llama-3-8B step).
   bool cuda_graphs = false;
+  // Batch-invariant steps: a token's logits do not depend on the other tokens in its step (how
+  // many, which trees, which shapes), so a branch decodes the same alone or forked beside
+  // others, as on the CPU reference. Costs speed: the GEMMs run the row-invariant kernel
+  // (invariant_gemm.h) instead of cuBLASLt, and attention always plans in seq mode with
+  // `invariant_chunk_tokens`-token chunks cut from the start of each query's path (the same
+  // cut, partial states and merge order for a query whatever else is in the step).
+  bool batch_invariant = false;
+  int32_t invariant_chunk_tokens = 256;
 };
 
 class GpuBackend : public StepBackend {

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "kernels/model/invariant_gemm.h"
+
 namespace deft::kernels {
 namespace {
 
@@ -125,6 +127,7 @@ cudaError_t GemmRunner::Run(const GemmParams& p, cudaStream_t stream) {
       p.x == nullptr || p.y == nullptr) {
     return cudaErrorInvalidValue;
   }
+  if (p.row_invariant) return RunRowInvariantGemm(p, stream);
   Impl& im = *impl_;
   Impl::Plan* plan = nullptr;
   for (Impl::Plan& c : im.plans) {

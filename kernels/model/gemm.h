@@ -30,6 +30,8 @@ struct GemmParams {
   Dtype in_dtype = Dtype::kBFloat16;
   Dtype out_dtype = Dtype::kFloat32;
   bool accumulate = false;  // y += ... (beta = 1) instead of y = ...
+  // Row i of y independent of m (RunRowInvariantGemm, invariant_gemm.h) instead of cuBLASLt.
+  bool row_invariant = false;
 };
 
 class GemmRunner {

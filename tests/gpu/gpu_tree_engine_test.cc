@@ -6,6 +6,8 @@
 // can still meet a near-tie: tokens are compared up to the first position where the CPU's top
 // two log-probabilities are closer than kTieNats (after it the continuations may rightly
 // differ), and most of the tokens must be compared for the test to pass.
+// With GpuBackendOptions::batch_invariant, a branch decoded beside the others gives bit-identical
+// tokens and log-probabilities to the same path decoded alone in its own tree.
 #include <future>
 #include <map>
 #include <random>
@@ -21,7 +23,7 @@
 namespace deft::gpu::testing {
 namespace {
 
-std::unique_ptr<LlamaModel> TinyModel(bool on_gpu) {
+std::unique_ptr<LlamaModel> TinyModel(bool on_gpu, bool batch_invariant = false) {
   auto spec = SyntheticSpecFromName("synthetic:tiny:f16");
   EXPECT_TRUE(spec.ok());
   spec->logit_scale = 8.f;
@@ -35,6 +37,7 @@ std::unique_ptr<LlamaModel> TinyModel(bool on_gpu) {
     GpuBackendOptions o;
     o.dtype = kernels::Dtype::kFloat16;
     o.kv_memory_fraction = 0.05;
+    o.batch_invariant = batch_invariant;
     auto name = AttachStepBackend(**model, false, o);
     EXPECT_TRUE(name.ok()) << name.status();
     EXPECT_EQ(*name, "cuda");
@@ -47,15 +50,44 @@ constexpr float kTieNats = 0.05f;
 struct Branch {
   std::vector<int32_t> tokens;
   std::vector<float> margin;  // top-1 minus top-2 log-probability at each token
+  std::vector<float> logprob;  // of each chosen token
 };
 
+BranchRequest Greedy(NodeId node, int tokens) {
+  BranchRequest r;
+  r.node = node;
+  r.params.temperature = 0;
+  r.params.max_tokens = tokens;
+  r.params.ignore_eos = true;
+  r.params.top_logprobs = 2;
+  return r;
+}
+
+// Generates `branches` of `tree` and returns what each node got.
+std::map<NodeId, Branch> RunBranches(TreeEngine& engine, TreeId tree,
+                             const std::vector<BranchRequest>& branches) {
+  std::map<NodeId, Branch> got;
+  std::promise<absl::Status> done;
+  GenerateCallbacks cb;
+  cb.on_token = [&](NodeId node, const SampledToken& t, std::string_view) {
+    got[node].tokens.push_back(t.id);
+    got[node].margin.push_back(t.top.size() >= 2 ? t.top[0].logprob - t.top[1].logprob : 1e9f);
+    got[node].logprob.push_back(t.logprob);
+  };
+  cb.on_done = [&](const absl::Status& s) { done.set_value(s); };
+  auto gen = engine.Generate(tree, branches, cb);
+  EXPECT_TRUE(gen.ok()) << gen.status();
+  const absl::Status s = done.get_future().get();
+  EXPECT_TRUE(s.ok()) << s;
+  return got;
+}
+
 // Greedy tokens of every branch: three children of the whole prompt and one forked at 11.
-std::map<int, Branch> Decode(bool on_gpu, AttentionMode mode,
-                                           const std::vector<int32_t>& prompt, int tokens,
-                                           int64_t* blocks) {
+std::map<int, Branch> Decode(bool on_gpu, AttentionMode mode, const std::vector<int32_t>& prompt,
+                             int tokens, int64_t* blocks, bool batch_invariant = false) {
   EngineOptions opts;
   opts.mode = mode;
-  auto engine = TreeEngine::Create(TinyModel(on_gpu), opts);
+  auto engine = TreeEngine::Create(TinyModel(on_gpu, batch_invariant), opts);
   EXPECT_TRUE(engine.ok()) << engine.status();
   *blocks = (*engine)->total_blocks();
   auto tree = (*engine)->CreateTree(prompt);
@@ -70,27 +102,8 @@ std::map<int, Branch> Decode(bool on_gpu, AttentionMode mode,
     EXPECT_TRUE((*engine)->Extend(*tree, nodes[i], first).ok());
   }
   std::vector<BranchRequest> branches;
-  for (NodeId n : nodes) {
-    BranchRequest r;
-    r.node = n;
-    r.params.temperature = 0;
-    r.params.max_tokens = tokens;
-    r.params.ignore_eos = true;
-    r.params.top_logprobs = 2;
-    branches.push_back(r);
-  }
-  std::map<NodeId, Branch> got;
-  std::promise<absl::Status> done;
-  GenerateCallbacks cb;
-  cb.on_token = [&](NodeId node, const SampledToken& t, std::string_view) {
-    got[node].tokens.push_back(t.id);
-    got[node].margin.push_back(t.top.size() >= 2 ? t.top[0].logprob - t.top[1].logprob : 1e9f);
-  };
-  cb.on_done = [&](const absl::Status& s) { done.set_value(s); };
-  auto gen = (*engine)->Generate(*tree, branches, cb);
-  EXPECT_TRUE(gen.ok()) << gen.status();
-  const absl::Status s = done.get_future().get();
-  EXPECT_TRUE(s.ok()) << s;
+  for (NodeId n : nodes) branches.push_back(Greedy(n, tokens));
+  std::map<NodeId, Branch> got = RunBranches(**engine, *tree, branches);
   std::map<int, Branch> out;
   for (size_t i = 0; i < nodes.size(); ++i) out[static_cast<int>(i)] = got[nodes[i]];
   return out;
@@ -125,6 +138,38 @@ TEST_P(GpuTreeEngineTest, SameGreedyTokensAsOnTheCpu) {
     }
   }
   EXPECT_GE(compared, 3 * kTokens) << "too many near-ties to compare the backends";
+}
+
+// The batch-invariant backend: each of Decode's four branches, decoded beside the others, equals
+// its path decoded alone (a tree whose prompt is the branch's prefix), bit for bit: tokens and
+// log-probabilities, whatever the engine's mode (the backend plans seq chunks from the path's
+// start and runs the row-invariant GEMM).
+TEST_P(GpuTreeEngineTest, BatchInvariantBranchDecodesAloneAsBesideOthers) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("prompt seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> prompt(40);
+  for (auto& t : prompt) t = static_cast<int32_t>(rng() % 8192);
+  const int kTokens = 12;
+  int64_t blocks = 0;
+  const auto together = Decode(true, GetParam(), prompt, kTokens, &blocks, /*batch_invariant=*/true);
+  EngineOptions opts;
+  opts.mode = GetParam();
+  auto engine = TreeEngine::Create(TinyModel(true, /*batch_invariant=*/true), opts);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  for (int i = 0; i < 4; ++i) {
+    // Branches 0-2: the prompt and a first token 100 + i; branch 3: the prompt's first 11.
+    std::vector<int32_t> prefix(prompt.begin(), prompt.begin() + (i < 3 ? prompt.size() : 11));
+    if (i < 3) prefix.push_back(100 + i);
+    auto tree = (*engine)->CreateTree(prefix);
+    ASSERT_TRUE(tree.ok()) << tree.status();
+    std::map<NodeId, Branch> alone = RunBranches(**engine, *tree, {Greedy(0, kTokens)});
+    ASSERT_EQ(alone[0].tokens, together.at(i).tokens) << "branch " << i;
+    for (int p = 0; p < kTokens; ++p) {
+      ASSERT_EQ(alone[0].logprob[p], together.at(i).logprob[p]) << "branch " << i << " token " << p;
+    }
+    ASSERT_TRUE((*engine)->DeleteTree(*tree).ok());
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, GpuTreeEngineTest,
