@@ -109,6 +109,13 @@ std::map<int, Branch> Decode(bool on_gpu, AttentionMode mode, const std::vector<
   return out;
 }
 
+std::vector<int32_t> RandomPrompt(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> prompt(40);
+  for (auto& t : prompt) t = static_cast<int32_t>(rng() % 8192);
+  return prompt;
+}
+
 class GpuTreeEngineTest : public ::testing::TestWithParam<AttentionMode> {
  protected:
   void SetUp() override { DEFT_SKIP_WITHOUT_GPU(); }
@@ -117,9 +124,7 @@ class GpuTreeEngineTest : public ::testing::TestWithParam<AttentionMode> {
 TEST_P(GpuTreeEngineTest, SameGreedyTokensAsOnTheCpu) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("prompt seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> prompt(40);
-  for (auto& t : prompt) t = static_cast<int32_t>(rng() % 8192);
+  const std::vector<int32_t> prompt = RandomPrompt(seed);
   const int kTokens = 16;
   int64_t cpu_blocks = 0, gpu_blocks = 0;
   const auto cpu = Decode(false, GetParam(), prompt, kTokens, &cpu_blocks);
@@ -147,9 +152,7 @@ TEST_P(GpuTreeEngineTest, SameGreedyTokensAsOnTheCpu) {
 TEST_P(GpuTreeEngineTest, BatchInvariantBranchDecodesAloneAsBesideOthers) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("prompt seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> prompt(40);
-  for (auto& t : prompt) t = static_cast<int32_t>(rng() % 8192);
+  const std::vector<int32_t> prompt = RandomPrompt(seed);
   const int kTokens = 12;
   int64_t blocks = 0;
   const auto together = Decode(true, GetParam(), prompt, kTokens, &blocks, /*batch_invariant=*/true);
