@@ -42,6 +42,8 @@ ABSL_FLAG(std::string, model, "synthetic:llama3-8b", "synthetic model name");
 ABSL_FLAG(std::string, modes, "seq,flatten", "attention modes (seq, tree, node, flatten)");
 ABSL_FLAG(std::string, workloads_dir, "", "workloads directory (default: the build's)");
 ABSL_FLAG(int32_t, reps, 20, "timed steps per (workload, mode)");
+ABSL_FLAG(int32_t, decode_steps, 48,
+          "steps of a growing decode per (workload, mode) with and without CUDA graphs (0: skip)");
 
 namespace deft {
 namespace {
@@ -123,7 +125,11 @@ int Run() {
   const KvPoolShape shape{c.num_layers, c.num_kv_heads, c.head_dim, 16};
   const double kv_token_bytes = 2.0 * c.num_layers * 2 * c.num_kv_heads * c.head_dim;
   int64_t max_tokens = 0;
-  for (const Workload& w : workloads) max_tokens = std::max(max_tokens, w.forest.total_tokens());
+  const int32_t decode_steps = absl::GetFlag(FLAGS_decode_steps);
+  for (const Workload& w : workloads) {
+    max_tokens = std::max(max_tokens, w.forest.total_tokens() +
+                                          static_cast<int64_t>(w.forest.queries.size()) * decode_steps);
+  }
   auto pool_or = KvBlockPool::Create(shape, max_tokens / 16 + 2, gpu.kv_storage());
   if (!pool_or.ok()) {
     std::fprintf(stderr, "%s\n", pool_or.status().ToString().c_str());
@@ -152,7 +158,7 @@ int Run() {
   cost.num_kv_heads = static_cast<int32_t>(c.num_kv_heads);
   cost.head_dim = static_cast<int32_t>(c.head_dim);
   const std::vector<std::string> modes = absl::StrSplit(absl::GetFlag(FLAGS_modes), ',');
-  std::vector<std::string> breakdowns;
+  std::vector<std::string> breakdowns, growing;
   for (const Workload& w : workloads) {
     const WorkloadForest& f = w.forest;
     const auto slots = f.ContiguousSlots(0);
@@ -239,6 +245,61 @@ int Run() {
         breakdown += absl::StrFormat("%s%s %.2f", breakdown.empty() ? "" : ", ", phase, sec * 1e3);
       }
       breakdowns.push_back(absl::StrFormat("%s, %s: %s", w.name, mode_name, breakdown));
+      // A growing decode: every query's segment gains its token each step (new slots after the
+      // forest's), planned per step as TreeEngine plans on the GPU (GpuChunkChooser); run without
+      // and with CUDA graphs from the same start. Only for forests whose queries are the tips of
+      // distinct segments (few-shot, reasoning; not a token tree).
+      bool tips = decode_steps > 0;
+      std::vector<int32_t> seen(f.parent.size(), 0);
+      for (const PlanQuery& pq : f.queries) {
+        tips = tips && pq.visible == f.length[pq.segment] && seen[pq.segment]++ == 0;
+      }
+      if (tips) {
+        double tpot_ms[2] = {0, 0};
+        int64_t replays = 0, captures = 0;
+        for (bool graphs : {false, true}) {
+          gpu.set_cuda_graphs(graphs);
+          const int64_t replays0 = gpu.graph_replays(), captures0 = gpu.graph_captures();
+          std::vector<std::vector<int32_t>> grow = slots;
+          std::vector<PlanQuery> queries = f.queries;
+          std::vector<int64_t> pos = positions;
+          int32_t next_slot = static_cast<int32_t>(f.total_tokens());
+          GpuChunkChooser chooser(cost);
+          PlannerOptions base;
+          base.mode = mode;
+          std::vector<double> t;
+          for (int32_t s = 0; s < decode_steps; ++s) {
+            std::vector<int32_t> toks, step_slots;
+            for (size_t q = 0; q < queries.size(); ++q) {
+              grow[queries[q].segment].push_back(next_slot);
+              step_slots.push_back(next_slot++);
+              queries[q].visible += 1;
+              pos[q] += 1;
+              toks.push_back(static_cast<int32_t>(rng() % c.vocab_size));
+            }
+            const std::vector<PlanSegment> segs = f.Segments(grow);
+            const auto a = Clock::now();
+            absl::Status st = chooser.Plan(base, segs, queries, &plan);
+            if (st.ok()) st = gpu.ForwardStepOnDevice(StepInput{toks, pos, step_slots, rows}, pool, plan);
+            if (st.ok()) st = gpu::CudaStatus(cudaStreamSynchronize(gpu.stream()), "step");
+            if (!st.ok()) {
+              std::fprintf(stderr, "growing step: %s\n", st.ToString().c_str());
+              return 1;
+            }
+            if (s >= 3) t.push_back(Seconds(a, Clock::now()));
+          }
+          tpot_ms[graphs] = Median(t) * 1e3;
+          if (graphs) {
+            replays = gpu.graph_replays() - replays0;
+            captures = gpu.graph_captures() - captures0;
+          }
+        }
+        growing.push_back(absl::StrFormat("| %s | %s | %d | %.2f | %.2f | %.2fx | %lld | %lld |",
+                                          w.name, mode_name, decode_steps, tpot_ms[0], tpot_ms[1],
+                                          tpot_ms[0] / tpot_ms[1], static_cast<long long>(replays),
+                                          static_cast<long long>(captures)));
+        gpu.set_cuda_graphs(false);
+      }
       const double floor = (weight_bytes + plan.kv_tokens_read * kv_token_bytes) / bw;
       const double tpot = Median(step_t);
       if (mode == AttentionMode::kSeq) seq_tpot = tpot;
@@ -256,6 +317,14 @@ int Run() {
                   w.name.c_str(), seq_tpot / flatten_tpot,
                   100 * (seq_tpot / flatten_tpot) / w.io_speedup, w.io_speedup);
     }
+  }
+  if (!growing.empty()) {
+    std::printf(
+        "\nGrowing decode (each step adds every branch's token and is planned again; step time "
+        "incl. planning, median after 3):\n\n| workload | mode | steps | step ms, no graphs | "
+        "step ms, CUDA graphs | speedup | graph replays | graph captures |\n"
+        "|---|---|---|---|---|---|---|---|\n");
+    for (const std::string& line : growing) std::printf("%s\n", line.c_str());
   }
   std::printf("\nDevice ms per phase of one step (events between phases, all layers):\n");
   for (const std::string& b : breakdowns) std::printf("- %s\n", b.c_str());

@@ -226,9 +226,17 @@ absl::Status GpuBackend::ForwardStepOnDevice(const StepInput& step, KvBlockPool&
   for (Graph& g : graphs_) {
     if (std::memcmp(&g.key, &key, sizeof(key)) == 0) {
       ++graph_replays_;
+      last_key_valid_ = false;
       return CudaStatus(cudaGraphLaunch(g.exec, stream_), "CUDA graph launch");
     }
   }
+  // A shape seen for the first time runs directly; it is captured when the next step repeats it
+  // (a capture costs milliseconds: a tree whose plan changes every step never pays for one).
+  const bool repeated = last_key_valid_ && std::memcmp(&last_key_, &key, sizeof(key)) == 0;
+  last_key_ = key;
+  last_key_valid_ = true;
+  if (!repeated) return EnqueueStep(*kv, n, rows);
+  last_key_valid_ = false;
   DEFT_RETURN_IF_ERROR(CudaStatus(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
                                   "CUDA graph capture"));
   const absl::Status enqueued = EnqueueStep(*kv, n, rows);

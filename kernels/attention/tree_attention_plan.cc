@@ -64,14 +64,24 @@ cudaError_t DeviceTreeAttentionPlan::Upload(const TreeAttentionPlanArrays& p, in
     }
   }
   BuildTreeAttentionWork(p.chunk_begin, p.entry_begin, group, &work_);
-  // Layout: work items first (16-byte aligned), masks (8-byte aligned), the int32 arrays.
+  // Regions in order: work items, masks, the int32 arrays; each 16-byte aligned with headroom.
   const std::span<const int32_t> arrays[] = {p.kv_slots,       p.chunk_begin,       p.entry_begin,
                                              p.entry_query,    p.entry_mask_begin,  p.query_entry_begin,
                                              p.query_entries};
-  size_t bytes = work_.size() * sizeof(int32_t) + p.masks.size_bytes();
-  for (const auto& a : arrays) bytes += a.size_bytes();
-  if (bytes == 0) bytes = 8;
-  if (cudaError_t err = Reserve(bytes); err != cudaSuccess) return err;
+  const size_t sizes[kRegions] = {work_.size() * sizeof(int32_t), p.masks.size_bytes(),
+                                  arrays[0].size_bytes(), arrays[1].size_bytes(),
+                                  arrays[2].size_bytes(), arrays[3].size_bytes(),
+                                  arrays[4].size_bytes(), arrays[5].size_bytes(),
+                                  arrays[6].size_bytes()};
+  bool outgrown = device_ == nullptr;
+  for (int i = 0; i < kRegions; ++i) outgrown = outgrown || sizes[i] > region_capacity_[i];
+  size_t total = 0;
+  for (int i = 0; i < kRegions; ++i) {
+    if (outgrown) region_capacity_[i] = ((sizes[i] + sizes[i] / 2 + 64) + 15) & ~size_t{15};
+    total += region_capacity_[i];
+  }
+  if (outgrown) ++layouts_;
+  if (cudaError_t err = Reserve(total); err != cudaSuccess) return err;
   if (copied_ == nullptr) {
     if (cudaError_t err = cudaEventCreateWithFlags(&copied_, cudaEventDisableTiming);
         err != cudaSuccess) {
@@ -84,35 +94,38 @@ cudaError_t DeviceTreeAttentionPlan::Upload(const TreeAttentionPlanArrays& p, in
   }
   char* h = static_cast<char*>(host_);
   char* d = static_cast<char*>(device_);
-  size_t off = 0;
-  if (!work_.empty()) std::memcpy(h, work_.data(), work_.size() * sizeof(int32_t));
-  view_.work = reinterpret_cast<const int32_t*>(d);
-  off += work_.size() * sizeof(int32_t);
-  if (!p.masks.empty()) std::memcpy(h + off, p.masks.data(), p.masks.size_bytes());
-  view_.masks = reinterpret_cast<const uint64_t*>(d + off);
-  off += p.masks.size_bytes();
-  const int32_t* dev[7];
-  for (int i = 0; i < 7; ++i) {
-    if (!arrays[i].empty()) std::memcpy(h + off, arrays[i].data(), arrays[i].size_bytes());
-    dev[i] = reinterpret_cast<const int32_t*>(d + off);
-    off += arrays[i].size_bytes();
+  const void* data[kRegions] = {work_.data(), p.masks.data(), arrays[0].data(), arrays[1].data(),
+                                arrays[2].data(), arrays[3].data(), arrays[4].data(),
+                                arrays[5].data(), arrays[6].data()};
+  const char* dev[kRegions];
+  size_t off = 0, end = 0;
+  for (int i = 0; i < kRegions; ++i) {
+    if (sizes[i] > 0) std::memcpy(h + off, data[i], sizes[i]);
+    dev[i] = d + off;
+    if (sizes[i] > 0) end = off + sizes[i];
+    off += region_capacity_[i];
   }
-  view_.kv_slots = dev[0];
-  view_.chunk_begin = dev[1];
-  view_.entry_begin = dev[2];
-  view_.entry_query = dev[3];
-  view_.entry_mask_begin = dev[4];
-  view_.query_entry_begin = dev[5];
-  view_.query_entries = dev[6];
+  view_.work = reinterpret_cast<const int32_t*>(dev[0]);
+  view_.masks = reinterpret_cast<const uint64_t*>(dev[1]);
+  view_.kv_slots = reinterpret_cast<const int32_t*>(dev[2]);
+  view_.chunk_begin = reinterpret_cast<const int32_t*>(dev[3]);
+  view_.entry_begin = reinterpret_cast<const int32_t*>(dev[4]);
+  view_.entry_query = reinterpret_cast<const int32_t*>(dev[5]);
+  view_.entry_mask_begin = reinterpret_cast<const int32_t*>(dev[6]);
+  view_.query_entry_begin = reinterpret_cast<const int32_t*>(dev[7]);
+  view_.query_entries = reinterpret_cast<const int32_t*>(dev[8]);
   view_.num_chunks = static_cast<int32_t>(chunks);
   view_.num_queries = static_cast<int32_t>(queries);
   view_.num_entries = static_cast<int32_t>(entries);
   view_.num_work = static_cast<int32_t>(work_.size() / 4);
   view_.group = group;
-  bytes_ = off;
-  if (cudaError_t err = cudaMemcpyAsync(device_, host_, off, cudaMemcpyHostToDevice, stream);
-      err != cudaSuccess) {
-    return err;
+  // One copy up to the last used byte (the headroom between regions travels too).
+  bytes_ = end;
+  if (end > 0) {
+    if (cudaError_t err = cudaMemcpyAsync(device_, host_, end, cudaMemcpyHostToDevice, stream);
+        err != cudaSuccess) {
+      return err;
+    }
   }
   if (cudaError_t err = cudaEventRecord(copied_, stream); err != cudaSuccess) return err;
   pending_ = true;

@@ -6,6 +6,10 @@
 //
 // DeviceTreeAttentionPlan packs the plan's arrays and the work items into one pinned host
 // buffer and uploads it with a single cudaMemcpyAsync; view() then points into device memory.
+// Each array has its own region with headroom (1.5x the size that last outgrew it), so as a
+// decode grows the tree by a token per branch per step the arrays keep their device addresses
+// and view() changes only in its counts: a CUDA graph of the step replays while the counts
+// hold. The regions are laid out again (new addresses) only when an array outgrows its region.
 // Upload waits (on the host) for the previous upload's copy to finish before reusing the
 // staging buffer, so a plan can be uploaded every step without a stream synchronize.
 // Thread safety: one object per stream; not thread-safe.
@@ -46,10 +50,15 @@ class DeviceTreeAttentionPlan {
   cudaError_t Upload(const TreeAttentionPlanArrays& plan, int32_t group, cudaStream_t stream);
   const TreeAttentionPlanView& view() const { return view_; }
   size_t uploaded_bytes() const { return bytes_; }
+  // Times the regions were laid out (device addresses changed), first upload included.
+  int64_t layouts() const { return layouts_; }
 
  private:
   cudaError_t Reserve(size_t bytes);
+  static constexpr int kRegions = 9;  // work items, masks, the 7 int32 arrays
   std::vector<int32_t> work_;
+  size_t region_capacity_[kRegions] = {};  // bytes
+  int64_t layouts_ = 0;
   void* host_ = nullptr;    // pinned staging
   void* device_ = nullptr;  // device copy
   size_t capacity_ = 0, bytes_ = 0;
