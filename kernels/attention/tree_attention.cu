@@ -35,6 +35,10 @@ constexpr int kThreads = kWarps * 32;
 #ifndef DEFT_ATTN_STAGES
 #define DEFT_ATTN_STAGES 3
 #endif
+// CTAs per SM the chunk kernel is compiled for (registers per thread: 64K / (128 x this)).
+#ifndef DEFT_ATTN_MIN_BLOCKS
+#define DEFT_ATTN_MIN_BLOCKS 2
+#endif
 #define DEFT_ATTN_SUB_TOKENS_IS_64 (DEFT_ATTN_SUB_TOKENS == 64)
 // wgmma exists on sm_90a only (the arch-specific feature set); other targets use mma.sync alone.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && DEFT_ATTN_SUB_TOKENS_IS_64
@@ -372,7 +376,7 @@ __device__ __forceinline__ void VisibilityWords(const ChunkParams& p, int tok0, 
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
+__global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionChunkKernel(
     const __grid_constant__ ChunkParams p) {
   using K = ChunkKernel<T, D>;
   extern __shared__ __align__(128) uint8_t smem_raw[];
@@ -381,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, 2) TreeAttentionChunkKernel(
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int4 w = __ldg(reinterpret_cast<const int4*>(p.plan.work) + item);
   const int chunk_first = w.x, chunk_len = w.y, entry0 = w.z;
-  const int row0 = w.w & 0xffffff, rows = w.w >> 24;
+  const int row0 = w.w & 0xffffff, rows = static_cast<int>(static_cast<uint32_t>(w.w) >> 24);
   const int groups = (rows + 15) / 16;
   constexpr int kMaxSplits = kSubTokens / 16;  // a warp takes at least 16 tokens (one k-step)
   // Tiles of more than 16 rows run on wgmma where the target has it (all 4 warps, 64 rows).
