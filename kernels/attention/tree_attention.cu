@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <climits>
 #include <cstdint>
 #include <mutex>
 
@@ -146,22 +147,31 @@ struct ChunkKernel {
   static constexpr int kDTiles = D / 8;
 };
 
-// Slot ids of sub-tile `sub` for this thread's pieces (-1 past the chunk): piece j of a thread is
-// piece threadIdx.x + kThreads * j of the sub-tile, token (threadIdx.x + kThreads * j) / kChunk16.
-// Loaded one iteration ahead of the copy, so a copy never waits for its index loads.
+// Slot ids of sub-tile `sub` for this thread's pieces (-1 past the chunk). Piece j of a thread is
+// 16-byte column chunk c16 = threadIdx.x % kChunk16 of token t0 + j * kTokStep of the sub-tile,
+// t0 = threadIdx.x / kChunk16, kTokStep = kThreads / kChunk16 (8 for D = 128, 16 for D = 64). As
+// kTokStep is a multiple of 8, the swizzle (token mod 8) is the same for all of a thread's pieces
+// and their shared-memory offsets step by kTokStep rows: the copy loop is an address add and a
+// multiply-add per piece. Loaded one iteration ahead of the copy, so a copy never waits for its
+// index loads.
 template <typename T, int D>
 struct SubTileSlots {
   static constexpr int kPer = kSubTokens * (D / 8) / kThreads;
+  static constexpr int kTokStep = kThreads / (D / 8);
+  static_assert(kTokStep % 8 == 0, "a thread's pieces share their swizzle");
   int id[kPer];
 };
 
 template <typename T, int D>
 __device__ __forceinline__ void LoadSlots(const ChunkParams& p, int chunk_first, int chunk_len,
                                           int sub, SubTileSlots<T, D>& s) {
+  using S = SubTileSlots<T, D>;
+  const int t0 = sub * kSubTokens + static_cast<int>(threadIdx.x) / (D / 8);
+  const int32_t* ids = p.plan.kv_slots + chunk_first;
 #pragma unroll
-  for (int j = 0; j < SubTileSlots<T, D>::kPer; ++j) {
-    const int t = sub * kSubTokens + (threadIdx.x + kThreads * j) / (D / 8);
-    s.id[j] = t < chunk_len ? __ldg(p.plan.kv_slots + chunk_first + t) : -1;
+  for (int j = 0; j < S::kPer; ++j) {
+    const int t = t0 + j * S::kTokStep;
+    s.id[j] = t < chunk_len ? __ldg(ids + t) : -1;
   }
 }
 
@@ -170,21 +180,23 @@ template <typename T, int D>
 __device__ __forceinline__ void LoadSubTile(const ChunkParams& p, uint8_t* smem, int slot,
                                             const SubTileSlots<T, D>& s, int kv_head) {
   using K = ChunkKernel<T, D>;
-  const T* kbase = static_cast<const T*>(p.k);
-  const T* vbase = static_cast<const T*>(p.v);
-  uint8_t* ks = smem + slot * K::kStageBytes;
-  uint8_t* vs = ks + K::kSubBytes;
+  using S = SubTileSlots<T, D>;
   static_assert(kSubTokens * K::kChunk16 % kThreads == 0, "pieces per thread");
+  const int c16 = static_cast<int>(threadIdx.x) % K::kChunk16;
+  const int t0 = static_cast<int>(threadIdx.x) / K::kChunk16;
+  const uint32_t kdst = SmemAddr(smem + slot * K::kStageBytes) + TileOffset<D>(t0, c16);
+  const uint32_t vdst = kdst + K::kSubBytes;
+  const T* kb = static_cast<const T*>(p.k) + kv_head * D + c16 * 8;
+  const T* vb = static_cast<const T*>(p.v) + kv_head * D + c16 * 8;
+  const int32_t stride = static_cast<int32_t>(p.kv_slot_stride);  // < 2^31 (RunTreeAttention)
 #pragma unroll
-  for (int j = 0; j < SubTileSlots<T, D>::kPer; ++j) {
-    const int i = threadIdx.x + kThreads * j;
-    const int token = i / K::kChunk16, c16 = i % K::kChunk16;
-    const bool valid = s.id[j] >= 0;
-    const int64_t off = static_cast<int64_t>(valid ? s.id[j] : 0) * p.kv_slot_stride +
-                        static_cast<int64_t>(kv_head) * D + c16 * 8;
-    const uint32_t so = TileOffset<D>(token, c16);
-    CpAsync16(SmemAddr(ks + so), kbase + off, valid);
-    CpAsync16(SmemAddr(vs + so), vbase + off, valid);
+  for (int j = 0; j < S::kPer; ++j) {
+    const int id = s.id[j];
+    const bool valid = id >= 0;
+    const int64_t off = static_cast<int64_t>(valid ? id : 0) * stride;
+    const uint32_t row = static_cast<uint32_t>(j * S::kTokStep * 128);
+    CpAsync16(kdst + row, kb + off, valid);
+    CpAsync16(vdst + row, vb + off, valid);
   }
 }
 
@@ -725,7 +737,8 @@ cudaError_t RunTreeAttention(const TreeAttentionArgs& a, cudaStream_t stream) {
   if (a.q == nullptr || a.out == nullptr || a.k == nullptr || a.v == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (a.kv_slot_stride < static_cast<int64_t>(a.num_kv_heads) * a.head_dim) {
+  if (a.kv_slot_stride < static_cast<int64_t>(a.num_kv_heads) * a.head_dim ||
+      a.kv_slot_stride > INT32_MAX) {
     return cudaErrorInvalidValue;
   }
   if (a.plan.num_entries > 0 &&

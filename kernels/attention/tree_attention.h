@@ -72,7 +72,7 @@ struct TreeAttentionArgs {
   void* out = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
-  int64_t kv_slot_stride = 0;  // elements between consecutive slots (num_kv_heads * head_dim
+  int64_t kv_slot_stride = 0;  // elements between consecutive slots, < 2^31 (num_kv_heads * head_dim
                                // for a [slot][head][dim] layout)
   TreeAttentionPlanView plan;
   void* workspace = nullptr;
