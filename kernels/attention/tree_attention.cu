@@ -593,11 +593,11 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// One warp per (query, head). Entries are taken 32 at a time: each lane fetches one entry's id
-// and lse (one round trip for 32 entries), the batch's weights are rescaled online to the running
-// max. Then the warp reads kLanesPerEntry-lane slices of 4 entries' o vectors at once (4 entries x
-// 2 unrolled = 8 independent 16-byte loads per lane in flight) and the 4 lane groups' sums are
-// combined by shuffles at the end. Fixed entry order and shuffle tree: deterministic.
+// One warp per (query, head). Entries are taken 32 at a time: each lane holds one entry's id and
+// loads its lse; the warp reads kLanesPerEntry-lane slices of the entries' o vectors, 4 entries
+// side by side, 8 entries per round (the first round overlapping the lse loads); the batch's
+// weights are rescaled online to the running max, and the 4 lane groups' sums are combined by
+// shuffles at the end. Fixed entry order and shuffle tree: deterministic.
 template <typename T, int D>
 __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_constant__ MergeParams p) {
   constexpr int kGroups = 4;                  // entries read side by side
@@ -618,9 +618,43 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
   float mx = -INFINITY, sum = 0.f;
+  // A batch of 32 entries is read in rounds of 2 lane-group passes (8 entries, 8 independent
+  // 16-byte loads per lane in flight); the first round goes out before the batch's lse, so the
+  // two round trips overlap.
+  constexpr int kPasses = 32 / kGroups, kRound = 2;
+  float4 v[kRound][kPer / 4];
+  auto load_round = [&](int my_entry, int n, int first_pass) {
+#pragma unroll
+    for (int r = 0; r < kRound; ++r) {
+      const int i = (first_pass + r) * kGroups + group;  // this lane group's entry (zeros past n)
+      // Every lane shuffles (a shuffle must not diverge), then lanes past the batch load nothing.
+      const int entry = __shfl_sync(0xffffffffu, my_entry, i & 31);
+      const float4* src = reinterpret_cast<const float4*>(
+          p.part_o + (static_cast<int64_t>(entry) * p.num_heads + head) * D + sub * kPer);
+#pragma unroll
+      for (int j = 0; j < kPer / 4; ++j) {
+        v[r][j] = i < n ? __ldg(src + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+  };
+  auto add_round = [&](float my_w, int first_pass) {
+#pragma unroll
+    for (int r = 0; r < kRound; ++r) {
+      const int i = (first_pass + r) * kGroups + group;
+      const float w = __shfl_sync(0xffffffffu, my_w, i & 31);  // 0 past the batch
+#pragma unroll
+      for (int j = 0; j < kPer / 4; ++j) {
+        acc[4 * j] += w * v[r][j].x;
+        acc[4 * j + 1] += w * v[r][j].y;
+        acc[4 * j + 2] += w * v[r][j].z;
+        acc[4 * j + 3] += w * v[r][j].w;
+      }
+    }
+  };
   for (int base = b; base < e; base += 32) {
     const int n = min(32, e - base);
     const int my_entry = base == b ? first_entry : (lane < n ? p.query_entries[base + lane] : 0);
+    load_round(my_entry, n, 0);
     const float my_lse =
         lane < n ? p.part_lse[static_cast<int64_t>(my_entry) * p.num_heads + head] : -INFINITY;
     float bm = my_lse;
@@ -637,24 +671,10 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) bs += __shfl_xor_sync(0xffffffffu, bs, off);
     sum = sum * rescale + bs;
-#pragma unroll 2
-    for (int i0 = 0; i0 < n; i0 += kGroups) {
-      const int i = i0 + group;  // this lane group's entry (weight 0 past the batch)
-      // Every lane shuffles (a shuffle must not diverge), then lanes past the batch skip.
-      const int entry = __shfl_sync(0xffffffffu, my_entry, i & 31);
-      const float w = __shfl_sync(0xffffffffu, my_w, i & 31);
-      if (i < n) {
-        const float4* src = reinterpret_cast<const float4*>(
-            p.part_o + (static_cast<int64_t>(entry) * p.num_heads + head) * D + sub * kPer);
-#pragma unroll
-        for (int j = 0; j < kPer / 4; ++j) {
-          const float4 v = __ldg(src + j);
-          acc[4 * j] += w * v.x;
-          acc[4 * j + 1] += w * v.y;
-          acc[4 * j + 2] += w * v.z;
-          acc[4 * j + 3] += w * v.w;
-        }
-      }
+    add_round(my_w, 0);
+    for (int pass = kRound; pass < kPasses && pass * kGroups < n; pass += kRound) {
+      load_round(my_entry, n, pass);
+      add_round(my_w, pass);
     }
   }
   // Combine the lane groups (lanes sub, sub + 8, sub + 16, sub + 24 hold the same dims).
