@@ -7,7 +7,9 @@
 //    S = 4 / (number of 16-row groups) (1 group: 4 warps split the tokens; 2: 2x2; 3-4: 1).
 //  - K/V: 64-token sub-tiles gathered slot by slot (16-byte cp.async, zero-filled past the chunk)
 //    into a 3-stage ring; rows of head_dim values swizzled (16-byte column chunk XOR token & 7)
-//    so ldmatrix reads 8 tokens at one column without bank conflicts.
+//    so ldmatrix reads 8 tokens at one column without bank conflicts. Slot ids: registers, one
+//    sub-tile ahead (mma.sync tiles), or a shared-memory ring filled by cp.async two sub-tiles
+//    ahead (wgmma tiles: a wgmma fence waits for every pending register load).
 //  - math: S = Q K^T with mma.sync m16n8k16 (fp32 accumulate), scores in log2 domain, online
 //    softmax per row, P rounded to T for O += P V. Masked tokens get -inf.
 //  - end: S > 1 warps of a row group merge through shared memory; partial o is normalized,
@@ -134,6 +136,14 @@ __device__ __forceinline__ uint32_t TileOffset(int token, int chunk16) {
                                (((chunk16 & 7) ^ (token & 7)) << 4));
 }
 
+// Slot ids travel through shared memory: a ring of kIdSlots sub-tiles' ids, copied by cp.async
+// (4 bytes per token, tokens past the chunk not read) kIdAhead sub-tiles before their K/V copies
+// read them. Held in registers instead, a sub-tile's id loads were still in flight at the next
+// wgmma fence, which waits for every pending register load: one global round trip per sub-tile.
+constexpr int kIdAhead = kStages - 1;          // ids copied this many sub-tiles before their K/V
+constexpr int kIdSlots = kStages + 1;          // ids of sub-tiles next .. next + kIdAhead live
+constexpr int kIdBytes = kIdSlots * kSubTokens * 4;
+
 template <typename T, int D>
 struct ChunkKernel {
   static constexpr int kChunk16 = D / 8;                       // 16-byte chunks per row
@@ -142,18 +152,39 @@ struct ChunkKernel {
   static constexpr int kRingBytes = kStages * kStageBytes;     // D=128: 96 KiB, D=64: 48 KiB
   static constexpr int kMergeBytes = kWarps * 16 * (D + 2) * 4;  // o, m, l per warp row
   // + 1 KiB: the ring starts at the first 1024-byte boundary (the swizzle atoms' alignment).
-  static constexpr int kSmemBytes = (kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes) + 1024;
+  // + the slot id ring after them.
+  static constexpr int kSmemBytes =
+      (kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes) + 1024 + kIdBytes;
+  static constexpr int kIdOffset = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
   static constexpr int kKSteps = D / 16;
   static constexpr int kDTiles = D / 8;
 };
+
+// 4-byte cp.async (zero-fill when !valid; src then not read).
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+// Copies the slot ids of sub-tile `sub` into its id slot (threads 0..kSubTokens-1, one each).
+__device__ __forceinline__ void LoadSlotIds(const ChunkParams& p, uint32_t ids, int chunk_first,
+                                            int chunk_len, int sub) {
+  const int t = static_cast<int>(threadIdx.x);
+  if (t < kSubTokens) {
+    const int token = sub * kSubTokens + t;
+    const bool valid = token < chunk_len;
+    CpAsync4(ids + ((sub % kIdSlots) * kSubTokens + t) * 4,
+             p.plan.kv_slots + chunk_first + (valid ? token : 0), valid);
+  }
+}
 
 // Slot ids of sub-tile `sub` for this thread's pieces (-1 past the chunk). Piece j of a thread is
 // 16-byte column chunk c16 = threadIdx.x % kChunk16 of token t0 + j * kTokStep of the sub-tile,
 // t0 = threadIdx.x / kChunk16, kTokStep = kThreads / kChunk16 (8 for D = 128, 16 for D = 64). As
 // kTokStep is a multiple of 8, the swizzle (token mod 8) is the same for all of a thread's pieces
 // and their shared-memory offsets step by kTokStep rows: the copy loop is an address add and a
-// multiply-add per piece. Loaded one iteration ahead of the copy, so a copy never waits for its
-// index loads.
+// multiply-add per piece. From global memory (LoadSlots, one sub-tile ahead of the copy in the
+// mma.sync loop) or from the id ring (SlotsFromRing, the wgmma loop).
 template <typename T, int D>
 struct SubTileSlots {
   static constexpr int kPer = kSubTokens * (D / 8) / kThreads;
@@ -173,6 +204,17 @@ __device__ __forceinline__ void LoadSlots(const ChunkParams& p, int chunk_first,
     const int t = t0 + j * S::kTokStep;
     s.id[j] = t < chunk_len ? __ldg(ids + t) : -1;
   }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void SlotsFromRing(const int32_t* ids, int chunk_len, int sub,
+                                              SubTileSlots<T, D>& s) {
+  using S = SubTileSlots<T, D>;
+  const int t0 = static_cast<int>(threadIdx.x) / (D / 8);
+  const int32_t* mine = ids + (sub % kIdSlots) * kSubTokens + t0;
+  const int here = chunk_len - sub * kSubTokens - t0;
+#pragma unroll
+  for (int j = 0; j < S::kPer; ++j) s.id[j] = j * S::kTokStep < here ? mine[j * S::kTokStep] : -1;
 }
 
 // Issues the cp.async copies of one sub-tile (slot ids from LoadSlots) into ring slot `slot`.
@@ -406,8 +448,12 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   const int rg = warp / splits, split = warp % splits;
   const bool active = rg < groups;
 
-  // K/V of the first sub-tiles first: their latency hides the Q and mask set-up below.
+  // K/V of the first sub-tiles first: their latency hides the Q and mask set-up below. Slot ids
+  // come through registers here and in the mma.sync loop; the wgmma loop reads them from the
+  // shared-memory id ring (kIdAhead sub-tiles ahead), whose first ids go with the first copies.
   const int num_sub = (chunk_len + kSubTokens - 1) / kSubTokens;
+  const int32_t* ids = reinterpret_cast<const int32_t*>(smem + K::kIdOffset);
+  const uint32_t ids_s = SmemAddr(smem + K::kIdOffset);
   SubTileSlots<T, D> slots;
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
@@ -415,10 +461,16 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
       LoadSlots<T, D>(p, chunk_first, chunk_len, st, slots);
       LoadSubTile<T, D>(p, smem, st, slots, kv_head);
     }
+    if (st == 0 && wg) {
+#pragma unroll
+      for (int i = kStages - 1; i < kStages - 1 + kIdAhead; ++i) {
+        if (i < num_sub) LoadSlotIds(p, ids_s, chunk_first, chunk_len, i);
+      }
+    }
     CpAsyncCommit();
   }
-  // The slot ids of the next sub-tile to copy (kStages - 1), fetched now.
-  if (kStages - 1 < num_sub) LoadSlots<T, D>(p, chunk_first, chunk_len, kStages - 1, slots);
+  // The mma.sync loop's slot ids of the next sub-tile to copy (kStages - 1), fetched now.
+  if (!wg && kStages - 1 < num_sub) LoadSlots<T, D>(p, chunk_first, chunk_len, kStages - 1, slots);
 
   // This thread's two rows: a = lane/4, b = lane/4 + 8 of row group rg.
   int entry[2], head[2];
@@ -466,9 +518,14 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     // Sub-tile `sub` landed for all, the slot of sub - 1 is free, and whether any row sees it.
     const int seen = __syncthreads_or(!p.skip_masked || (word[0] | word[1]) != 0ull);
     const int next = sub + kStages - 1;
+    // K/V of sub-tile `next` (its ids landed kIdAhead iterations ago), the ids of next +
+    // kIdAhead into an id slot whose previous ids were read before an earlier barrier.
     if (next < num_sub) {
+      SlotsFromRing<T, D>(ids, chunk_len, next, slots);
       LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head);
-      if (next + 1 < num_sub) LoadSlots<T, D>(p, chunk_first, chunk_len, next + 1, slots);
+    }
+    if (next + kIdAhead < num_sub) {
+      LoadSlotIds(p, ids_s, chunk_first, chunk_len, next + kIdAhead);
     }
     CpAsyncCommit();
     // Rows past the tile (zero Q, never written) take the unmasked path: they may not force
