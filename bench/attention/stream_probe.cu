@@ -38,12 +38,26 @@ constexpr int kHeads = 8, kDim = 128, kSlotBytes = kHeads * kDim * 2, kRowBytes 
 constexpr int kSub = 64;                        // tokens per sub-tile
 constexpr int kStage = 2 * kSub * kRowBytes;    // K and V: 32 KiB
 
+// (chunk, head) of this CTA: the grid is chunks x heads (head_fast = 0: the chunk index is
+// blockIdx.x, CTAs of one head are launched together) or one dimension with the head fastest
+// (head_fast = 1: the 8 CTAs reading the same tokens' 8 heads, i.e. whole 2 KiB slots, together).
+__device__ __forceinline__ void ChunkHead(int head_fast, int& c, int& h) {
+  if (head_fast) {
+    c = blockIdx.x / kHeads;
+    h = blockIdx.x % kHeads;
+  } else {
+    c = blockIdx.x;
+    h = blockIdx.y;
+  }
+}
+
 __device__ __forceinline__ uint32_t Smem(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__global__ void Plain(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink) {
-  const int c = blockIdx.x, h = blockIdx.y;
+__global__ void Plain(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink, int head_fast) {
+  int c, h;
+  ChunkHead(head_fast, c, h);
   const int first = c * chunk, len = min(chunk, n - first);
   uint32_t acc = 0;
   const int pieces = len * 16;  // 16-byte pieces per tensor
@@ -67,9 +81,10 @@ __global__ void Plain(const uint8_t* k, const uint8_t* v, int chunk, int n, uint
 }
 
 template <int S>
-__global__ void Ring(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink) {
+__global__ void Ring(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink, int head_fast) {
   extern __shared__ __align__(128) uint8_t smem[];
-  const int c = blockIdx.x, h = blockIdx.y;
+  int c, h;
+  ChunkHead(head_fast, c, h);
   const int first = c * chunk, len = min(chunk, n - first);
   const int subs = (len + kSub - 1) / kSub;
   auto issue = [&](int sub) {
@@ -102,10 +117,11 @@ __global__ void Ring(const uint8_t* k, const uint8_t* v, int chunk, int n, uint3
 }
 
 template <int S>
-__global__ void Bulk(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink) {
+__global__ void Bulk(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink, int head_fast) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ __align__(8) uint64_t bar[S];
-  const int c = blockIdx.x, h = blockIdx.y;
+  int c, h;
+  ChunkHead(head_fast, c, h);
   const int first = c * chunk, len = min(chunk, n - first);
   const int subs = (len + kSub - 1) / kSub;
   if (threadIdx.x < S) {
@@ -157,6 +173,26 @@ __global__ void Bulk(const uint8_t* k, const uint8_t* v, int chunk, int n, uint3
   if (acc == 0x12345678u) *sink = acc;
 }
 
+// The same bytes as two contiguous arrays (no paging, no head stride): what a plain read stream
+// of this size gets in one launch, the ceiling for any layout.
+__global__ void Linear(const uint4* k, const uint4* v, size_t n16, uint32_t* sink) {
+  uint32_t acc = 0;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    uint4 r[8];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      r[2 * u] = __ldcg(k + i + u * stride);
+      r[2 * u + 1] = __ldcg(v + i + u * stride);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc ^= r[u].x ^ r[u].w;
+  }
+  for (; i < n16; i += stride) acc ^= __ldcg(k + i).x ^ __ldcg(v + i).y;
+  if (acc == 0x12345678u) *sink = acc;
+}
+
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -201,32 +237,43 @@ int main(int argc, char** argv) {
     }
     return Median(t);
   };
+  {
+    const size_t n16 = static_cast<size_t>(n) * kHeads * kRowBytes / 16;
+    std::printf("linear (contiguous K and V, %.1f MB):", read_bytes / 1e6);
+    for (int blocks : {132, 264, 528, 1056}) {
+      const double us = time([&] {
+        Linear<<<blocks, 256>>>(reinterpret_cast<const uint4*>(k), reinterpret_cast<const uint4*>(v),
+                                n16, sink);
+      });
+      std::printf(" %d CTAs %.1f (%.2f);", blocks, us, read_bytes / us / 1e6);
+    }
+    std::printf("\n");
+  }
   const int chunks_list[] = {64, 128, 256, 512, 1024};
   std::printf("| kernel | ctas/SM | chunk 64 | 128 | 256 | 512 | 1024 |\n|---|---|---|---|---|---|---|\n");
-  auto row = [&](const char* name, int ctas, auto kernel, int stages) {
+  auto row = [&](const char* name, int ctas, auto kernel, int stages, int head_fast) {
     // Shared memory per CTA sized so at most `ctas` fit on an SM (228 KB per SM).
     const int smem = std::max(stages * kStage, 220 * 1024 / ctas);
     if (smem > 227 * 1024) return;
     CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    std::printf("| %s | %d |", name, ctas);
+    std::printf("| %s%s | %d |", name, head_fast ? ", head fastest" : "", ctas);
     for (int chunk : chunks_list) {
-      const dim3 grid((n + chunk - 1) / chunk, kHeads);
-      const double us = time([&] { kernel<<<grid, 128, smem>>>(k, v, chunk, n, sink); });
+      const int chunks = (n + chunk - 1) / chunk;
+      const dim3 grid = head_fast ? dim3(chunks * kHeads) : dim3(chunks, kHeads);
+      const double us = time([&] { kernel<<<grid, 128, smem>>>(k, v, chunk, n, sink, head_fast); });
       std::printf(" %.1f (%.2f) |", us, read_bytes / us / 1e6);
     }
     std::printf("\n");
     std::fflush(stdout);
   };
-  for (int ctas : {1, 2, 4}) {
-    row("plain", ctas, Plain, 0);
-    row("ring 2", ctas, Ring<2>, 2);
-    row("ring 3", ctas, Ring<3>, 3);
-    row("ring 4", ctas, Ring<4>, 4);
-    row("ring 6", ctas, Ring<6>, 6);
-    row("bulk 2", ctas, Bulk<2>, 2);
-    row("bulk 3", ctas, Bulk<3>, 3);
-    row("bulk 4", ctas, Bulk<4>, 4);
-    row("bulk 6", ctas, Bulk<6>, 6);
+  for (int head_fast : {0, 1}) {
+    for (int ctas : {1, 2, 4}) {
+      row("plain", ctas, Plain, 0, head_fast);
+      row("ring 2", ctas, Ring<2>, 2, head_fast);
+      row("ring 3", ctas, Ring<3>, 3, head_fast);
+      row("ring 4", ctas, Ring<4>, 4, head_fast);
+      row("bulk 3", ctas, Bulk<3>, 3, head_fast);
+    }
   }
   return 0;
 }

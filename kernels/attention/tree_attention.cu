@@ -249,13 +249,16 @@ __device__ __forceinline__ float Ex2(float x) {
   return y;
 }
 
-// Scores s (n-tiles of 8 tokens from t0; rows a and b of the thread's 16-row group) scaled,
-// masked by the visibility words, folded into the running (m, l) with o rescaled; s becomes the
-// probabilities. A thread holds cols 2*(lane%4)+{0,1} of each n-tile; a quad is a row.
-template <int D, int kN>
-__device__ __forceinline__ void OnlineSoftmax(const ChunkParams& p, float (&s)[kN][4], int t0,
+// Scores s (n-tiles of 8 tokens from t0; rows a and b of the thread's 16-row group), masked by the
+// visibility words, folded into the running (m, l): s becomes the probabilities, l is rescaled
+// and summed, and alpha (per row) is the factor o must be rescaled by; returns whether any row
+// of the warp has alpha != 1 (else o needs no rescale). m is in the scaled log2 domain; the
+// scale is folded into the exponent (max over raw scores: the scale is positive). A thread
+// holds cols 2*(lane%4)+{0,1} of each n-tile; a quad is a row.
+template <int kN>
+__device__ __forceinline__ bool SoftmaxScores(const ChunkParams& p, float (&s)[kN][4], int t0,
                                               uint64_t word_a, uint64_t word_b, float (&m)[2],
-                                              float (&l)[2], float (&o)[D / 8][4]) {
+                                              float (&l)[2], float (&alpha)[2]) {
   const int lane = threadIdx.x & 31;
   const int c = 2 * (lane & 3);
   float mx[2] = {-INFINITY, -INFINITY};
@@ -263,10 +266,7 @@ __device__ __forceinline__ void OnlineSoftmax(const ChunkParams& p, float (&s)[k
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] *= p.scale_log2;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
-      }
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
     }
   } else {
 #pragma unroll
@@ -276,40 +276,43 @@ __device__ __forceinline__ void OnlineSoftmax(const ChunkParams& p, float (&s)[k
         const int row = e >> 1;
         const int col = t0 + 8 * j + c + (e & 1);
         const uint64_t w = row == 0 ? word_a : word_b;
-        const float v = ((w >> col) & 1ull) ? s[j][e] * p.scale_log2 : -INFINITY;
+        const float v = ((w >> col) & 1ull) ? s[j][e] : -INFINITY;
         s[j][e] = v;
         mx[row] = fmaxf(mx[row], v);
       }
     }
   }
-  float alpha[2], base[2];
+  float base[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float m_new = fmaxf(m[r], mx[r]);
+    const float m_new = fmaxf(m[r], mx[r] * p.scale_log2);  // -inf stays -inf
     base[r] = m_new == -INFINITY ? 0.f : m_new;
     alpha[r] = m_new == -INFINITY ? 1.f : Ex2(m[r] - m_new);
     m[r] = m_new;
     l[r] *= alpha[r];
   }
-  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // a row's max moved
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
-  }
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float pv = Ex2(s[j][e] - base[e >> 1]);
+      const float pv = Ex2(fmaf(s[j][e], p.scale_log2, -base[e >> 1]));  // masked: 2^-inf = 0
       s[j][e] = pv;
       l[e >> 1] += pv;
     }
+  }
+  return __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
+}
+
+template <int D>
+__device__ __forceinline__ void RescaleO(float (&o)[D / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    o[n][0] *= alpha[0];
+    o[n][1] *= alpha[0];
+    o[n][2] *= alpha[1];
+    o[n][3] *= alpha[1];
   }
 }
 
@@ -350,7 +353,8 @@ __device__ __forceinline__ void ComputeSubTile(const ChunkParams& p, const uint8
       MmaOp<T>::run(s[j], qf[kk + 1], b[2], b[3]);
     }
   }
-  OnlineSoftmax<D, kN>(p, s, t0, word_a, word_b, m, l, o);
+  float alpha[2];
+  if (SoftmaxScores<kN>(p, s, t0, word_a, word_b, m, l, alpha)) RescaleO<D>(o, alpha);
   // O += P V: the accumulators of n-tiles 2t, 2t+1 are the A fragment of k-step t.
 #pragma unroll
   for (int t = 0; t < TW / 16; ++t) {
@@ -391,7 +395,8 @@ __device__ __forceinline__ void ComputeSubTileWg(const ChunkParams& p, const uin
   WgmmaCommit();
   WgmmaWaitAll();
   WgmmaFenceOperands(s);
-  OnlineSoftmax<D, 8>(p, s, 0, word_a, word_b, m, l, o);
+  float alpha[2];
+  if (SoftmaxScores<8>(p, s, 0, word_a, word_b, m, l, alpha)) RescaleO<D>(o, alpha);
   uint32_t a[4][4];
 #pragma unroll
   for (int t = 0; t < 4; ++t) PackP<T>(s, t, a[t]);

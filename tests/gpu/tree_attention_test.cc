@@ -191,8 +191,8 @@ double CheckForest(ThreadPool& threads, const WorkloadForest& forest, const Shap
     std::vector<T> out(q_elems);
     EXPECT_EQ(cudaMemcpy(out.data(), dout, out.size() * sizeof(T), cudaMemcpyDeviceToHost),
               cudaSuccess);
-    // A second run of the same upload (the fused merge's counters must be back at 0) gives the
-    // same bits: the merge order is fixed, no float atomics.
+    // A second run of the same upload gives the same bits: the merge order is fixed, no float
+    // atomics.
     EXPECT_EQ(cudaMemset(dout, 0xff, q_t.size() * sizeof(T)), cudaSuccess);
     EXPECT_TRUE(attention.Run(layer, nullptr).ok());
     std::vector<T> again(q_elems);
@@ -200,6 +200,15 @@ double CheckForest(ThreadPool& threads, const WorkloadForest& forest, const Shap
               cudaSuccess);
     EXPECT_EQ(std::memcmp(out.data(), again.data(), out.size() * sizeof(T)), 0)
         << forest.name << " " << Describe(shape, mode) << ": a second run differs";
+    // The phases launched apart (the merge kernel without programmatic dependent launch) give
+    // the same bits.
+    EXPECT_EQ(cudaMemset(dout, 0xff, q_t.size() * sizeof(T)), cudaSuccess);
+    EXPECT_TRUE(attention.Run(layer, nullptr, kernels::TreeAttentionPhases::kChunkOnly).ok());
+    EXPECT_TRUE(attention.Run(layer, nullptr, kernels::TreeAttentionPhases::kMergeOnly).ok());
+    EXPECT_EQ(cudaMemcpy(again.data(), dout, again.size() * sizeof(T), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    EXPECT_EQ(std::memcmp(out.data(), again.data(), out.size() * sizeof(T)), 0)
+        << forest.name << " " << Describe(shape, mode) << ": the phases launched apart differ";
     double err = 0;
     int64_t non_finite = 0;
     for (int64_t i = 0; i < q_elems; ++i) {
