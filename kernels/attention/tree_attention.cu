@@ -54,6 +54,7 @@ constexpr int kStages = DEFT_ATTN_STAGES;
 static_assert(kSubTokens == 32 || kSubTokens == 64, "sub-tile of 32 or 64 tokens");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLazyMax = 8.f;  // see SoftmaxScores
 
 struct ChunkParams {
   const void* q;
@@ -252,9 +253,10 @@ __device__ __forceinline__ float Ex2(float x) {
 // Scores s (n-tiles of 8 tokens from t0; rows a and b of the thread's 16-row group), masked by the
 // visibility words, folded into the running (m, l): s becomes the probabilities, l is rescaled
 // and summed, and alpha (per row) is the factor o must be rescaled by; returns whether any row
-// of the warp has alpha != 1 (else o needs no rescale). m is in the scaled log2 domain; the
-// scale is folded into the exponent (max over raw scores: the scale is positive). A thread
-// holds cols 2*(lane%4)+{0,1} of each n-tile; a quad is a row.
+// of the warp has alpha != 1 (else o needs no rescale). m is in the scaled log2 domain and may
+// trail the true max by up to kLazyMax; the scale is folded into the exponent (max over raw
+// scores: the scale is positive). A thread holds cols 2*(lane%4)+{0,1} of each n-tile; a quad
+// is a row.
 template <int kN>
 __device__ __forceinline__ bool SoftmaxScores(const ChunkParams& p, float (&s)[kN][4], int t0,
                                               uint64_t word_a, uint64_t word_b, float (&m)[2],
@@ -287,10 +289,14 @@ __device__ __forceinline__ bool SoftmaxScores(const ChunkParams& p, float (&s)[k
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float m_new = fmaxf(m[r], mx[r] * p.scale_log2);  // -inf stays -inf
-    base[r] = m_new == -INFINITY ? 0.f : m_new;
-    alpha[r] = m_new == -INFINITY ? 1.f : Ex2(m[r] - m_new);
-    m[r] = m_new;
+    // Lazy rescaling: the running max moves only when the sub-tile's exceeds it by more than
+    // kLazyMax (log2 units), so p <= 2^kLazyMax and o, l are rarely rescaled (a warp skips the
+    // 64 multiplies of o unless one of its rows moved). m = -inf moves to any finite max.
+    const float m_cand = mx[r] * p.scale_log2;  // -inf stays -inf
+    const bool moves = m_cand > m[r] + kLazyMax;
+    alpha[r] = moves ? Ex2(m[r] - m_cand) : 1.f;  // 2^-inf = 0 from m = -inf (o, l are 0)
+    if (moves) m[r] = m_cand;
+    base[r] = m[r] == -INFINITY ? 0.f : m[r];
     l[r] *= alpha[r];
   }
 #pragma unroll
@@ -382,14 +388,17 @@ __device__ __forceinline__ void ComputeSubTileWg(const ChunkParams& p, const uin
                                                  const uint32_t (&qf)[D / 16][4], float (&m)[2],
                                                  float (&l)[2], float (&o)[D / 8][4]) {
   using K = ChunkKernel<T, D>;
-  const uint32_t kb = SmemAddr(smem + slot * K::kStageBytes);
-  const uint32_t vb = kb + K::kSubBytes;
+  // Descriptors: one low word per operand, constant offsets added per k-step.
+  const uint32_t k_lo = SmemDescSw128Lo(SmemAddr(smem + slot * K::kStageBytes), 16);
+  const uint32_t v_lo = SmemDescSw128Lo(SmemAddr(smem + slot * K::kStageBytes + K::kSubBytes),
+                                        kHalfBytes);
   float s[8][4];
   WgmmaFence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     // k-step kk: head dims 16kk..16kk+15, i.e. half kk/4, 32 bytes into its 128-byte rows.
-    const uint64_t desc = SmemDescSw128(kb + (kk >> 2) * kHalfBytes + (kk & 3) * 32, 16, 1024);
+    const uint64_t desc =
+        SmemDesc(k_lo + (((kk >> 2) * kHalfBytes + (kk & 3) * 32) >> 4), SmemDescSw128Hi(1024));
     Wgmma<T>::N64(s, qf[kk], desc, kk > 0 ? 1 : 0);
   }
   WgmmaCommit();
@@ -405,7 +414,7 @@ __device__ __forceinline__ void ComputeSubTileWg(const ChunkParams& p, const uin
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     // k-step t: tokens 16t..16t+15 = two 8-token atoms (2048 bytes) into each half.
-    const uint64_t desc = SmemDescSw128(vb + t * 2048, kHalfBytes, 1024);
+    const uint64_t desc = SmemDesc(v_lo + ((t * 2048) >> 4), SmemDescSw128Hi(1024));
     if constexpr (D == 128) {
       Wgmma<T>::N128Trans(o, a[t], desc, 1);
     } else {

@@ -113,4 +113,15 @@ __device__ __forceinline__ uint64_t SmemDescSw128(uint32_t addr, uint32_t lbo, u
          (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
 }
 
+// The same descriptor in two words, for issuing many wgmma from one base: the low word (address
+// and lbo) of a base address, to which byte offsets >> 4 are added (shared addresses are below
+// 2^18, so the 14-bit address field never carries), and the constant high word (sbo, swizzle).
+__device__ __forceinline__ uint32_t SmemDescSw128Lo(uint32_t addr, uint32_t lbo) {
+  return ((addr & 0x3ffff) >> 4) | ((lbo >> 4) << 16);
+}
+constexpr uint32_t SmemDescSw128Hi(uint32_t sbo) { return (sbo >> 4) | (1u << 30); }
+__device__ __forceinline__ uint64_t SmemDesc(uint32_t lo, uint32_t hi) {
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
 }  // namespace deft::kernels
