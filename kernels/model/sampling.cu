@@ -1,4 +1,4 @@
-// Device sampling (sampling.h): one 1024-thread CTA per row.
+// Device sampling (sampling.h): one 512-thread CTA per row.
 #include <cfloat>
 
 #include "kernels/model/dispatch.cuh"
@@ -8,7 +8,7 @@
 namespace deft::kernels {
 namespace {
 
-constexpr int kThreads = 1024;
+constexpr int kThreads = 512;  // 128 registers: 7 prefix sums per thread and 2 loads in flight
 
 // Sampler::Uniform: splitmix64 of (splitmix64(seed) ^ step * odd constant), top 53 bits.
 __host__ __device__ double Uniform(uint64_t seed, uint64_t step) {
@@ -21,18 +21,18 @@ struct Agg {
   int32_t count;
 };
 
-__device__ Agg BlockSum(Agg a, Agg* scratch) {
+__device__ Agg BlockSum(Agg a, Agg (*scratch)[kThreads / 32]) {
   for (int o = 16; o > 0; o >>= 1) {
     a.sum += __shfl_xor_sync(0xffffffffu, a.sum, o);
     a.count += __shfl_xor_sync(0xffffffffu, a.count, o);
   }
   __syncthreads();  // scratch may still be read by the previous reduction
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = a;
+  if (threadIdx.x % 32 == 0) scratch[0][threadIdx.x / 32] = a;
   __syncthreads();
   Agg t{0.0, 0};
   for (int w = 0; w < kThreads / 32; ++w) {
-    t.sum += scratch[w].sum;
-    t.count += scratch[w].count;
+    t.sum += scratch[0][w].sum;
+    t.count += scratch[0][w].count;
   }
   return t;
 }
@@ -69,46 +69,144 @@ __device__ __forceinline__ bool Holds(Pred pred, double target, const Agg& a) {
   return false;
 }
 
-// Sum and count of the members with key (pb, i) at or before (tb, ib).
-__device__ Agg PrefixAgg(const uint32_t* pbits, int32_t vocab, const Members& m, uint32_t tb,
-                         int32_t ib, Agg* scratch) {
-  Agg a{0.0, 0};
-  const Boundary b{tb, ib};
-  for (int32_t i = threadIdx.x; i < vocab; i += kThreads) {
-    const uint32_t pb = pbits[i];
-    if (m.Has(pb, i) && Before(pb, i, b)) {
-      a.sum += __uint_as_float(pb);
-      ++a.count;
+// Sum and count of the members with key (pb, i) at or before each of kN boundaries, in one pass
+// over the row (kN = 1: one prefix). Deterministic: per-thread sums in a fixed order, then a
+// fixed reduction tree.
+template <int kN>
+__device__ void PrefixAggs(const uint32_t* pbits, int32_t vocab, const Members& m,
+                           const Boundary (&b)[kN], Agg (&out)[kN], Agg (*scratch)[kThreads / 32]) {
+  Agg a[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) a[j] = Agg{0.0, 0};
+  auto add = [&](uint32_t pb, int32_t i) {
+    if (!m.Has(pb, i)) return;
+    const double v = __uint_as_float(pb);
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      if (Before(pb, i, b[j])) {
+        a[j].sum += v;
+        ++a[j].count;
+      }
+    }
+  };
+  // The pass is bound by the row's read latency: 16-byte loads, two in flight per thread
+  // (4-byte loads kept only 4 KB per SM in flight). Rows of a vocab that is a multiple of 4 are 16-byte aligned (the workspace
+  // is); others take the scalar loop.
+  int32_t done = 0;
+  if (vocab % 4 == 0) {
+    const uint4* p4 = reinterpret_cast<const uint4*>(pbits);
+    const int32_t n4 = vocab / 4;
+    int32_t q = threadIdx.x;
+    for (; q + kThreads < n4; q += 2 * kThreads) {  // two loads in flight
+      const uint4 x = p4[q], y = p4[q + kThreads];
+      add(x.x, 4 * q);
+      add(x.y, 4 * q + 1);
+      add(x.z, 4 * q + 2);
+      add(x.w, 4 * q + 3);
+      const int32_t r = 4 * (q + kThreads);
+      add(y.x, r);
+      add(y.y, r + 1);
+      add(y.z, r + 2);
+      add(y.w, r + 3);
+    }
+    if (q < n4) {
+      const uint4 x = p4[q];
+      add(x.x, 4 * q);
+      add(x.y, 4 * q + 1);
+      add(x.z, 4 * q + 2);
+      add(x.w, 4 * q + 3);
+    }
+    done = vocab;
+  }
+  for (int32_t i = done + threadIdx.x; i < vocab; i += kThreads) add(pbits[i], i);
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    for (int o = 16; o > 0; o >>= 1) {
+      a[j].sum += __shfl_xor_sync(0xffffffffu, a[j].sum, o);
+      a[j].count += __shfl_xor_sync(0xffffffffu, a[j].count, o);
     }
   }
-  return BlockSum(a, scratch);
+  __syncthreads();  // scratch may still be read by the previous reduction
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) scratch[j][threadIdx.x / 32] = a[j];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    Agg t{0.0, 0};
+    for (int w = 0; w < kThreads / 32; ++w) {
+      t.sum += scratch[j][w].sum;
+      t.count += scratch[j][w].count;
+    }
+    out[j] = t;
+  }
+}
+
+__device__ Agg PrefixAgg(const uint32_t* pbits, int32_t vocab, const Members& m, uint32_t tb,
+                         int32_t ib, Agg (*scratch)[kThreads / 32]) {
+  const Boundary b[1] = {Boundary{tb, ib}};
+  Agg out[1];
+  PrefixAggs<1>(pbits, vocab, m, b, out, scratch);
+  return out[0];
+}
+
+// Thresholds per pass of the searches below: a (kSplit)-ary search, kSplit - 1 prefixes per pass
+// over the row (the pass is bound by reading the row; the extra sums are cheap).
+constexpr int kSplit = 8;
+
+// One kSplit-ary narrowing of (lo, hi) per pass until hi = lo + 1: `at(t)` is the prefix
+// boundary at t, pred holds at lo and fails at hi (holds_low: the prefix shrinks as t rises) or
+// fails at lo and holds at hi (the prefix grows with t).
+template <typename At>
+__device__ void Narrow(const uint32_t* pbits, int32_t vocab, const Members& m, Pred pred,
+                       double target, bool holds_low, At at, int64_t& lo, int64_t& hi,
+                       Agg (*scratch)[kThreads / 32]) {
+  while (hi - lo > 1) {
+    Boundary b[kSplit - 1];
+    int64_t t[kSplit - 1];
+#pragma unroll
+    for (int j = 0; j < kSplit - 1; ++j) {  // non-decreasing, in (lo, hi]
+      t[j] = lo + ((hi - lo) * (j + 1) + kSplit - 1) / kSplit;
+      b[j] = at(t[j]);
+    }
+    Agg agg[kSplit - 1];
+    PrefixAggs<kSplit - 1>(pbits, vocab, m, b, agg, scratch);
+    int64_t new_lo = lo, new_hi = hi;
+    for (int k = 0; k < kSplit - 1; ++k) {  // from the holding end towards the failing one
+      const int j = holds_low ? k : kSplit - 2 - k;
+      if (t[j] >= hi) {
+        if (holds_low) break;
+        continue;
+      }
+      if (Holds(pred, target, agg[j])) {  // still on the holding side: move that end
+        (holds_low ? new_lo : new_hi) = t[j];
+      } else {
+        (holds_low ? new_hi : new_lo) = t[j];
+        break;
+      }
+    }
+    lo = new_lo;
+    hi = new_hi;
+  }
 }
 
 // The first member, in candidate order, at which the running aggregate satisfies `pred`;
-// false when even all members do not. Bisection on p's bits (the level of that element: the
-// largest level whose prefix satisfies pred), then on the id within that level.
+// false when even all members do not. A kSplit-ary search on p's bits (the level of that
+// element: the largest level whose prefix satisfies pred), then on the id within that level.
+// p <= 1 (exp of a non-positive number), so levels are below 1.0f's bits + 1.
 __device__ bool FindFirst(const uint32_t* pbits, int32_t vocab, const Members& m, Pred pred,
-                          double target, Boundary* found, Agg* scratch) {
+                          double target, Boundary* found, Agg (*scratch)[kThreads / 32]) {
   if (!Holds(pred, target, PrefixAgg(pbits, vocab, m, 0, INT32_MAX, scratch))) return false;
-  uint32_t lo = 0, hi = 0x7f800001u;  // pred holds at lo, fails at hi
-  while (hi - lo > 1) {
-    const uint32_t mid = lo + (hi - lo) / 2;
-    if (Holds(pred, target, PrefixAgg(pbits, vocab, m, mid, INT32_MAX, scratch))) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  int32_t ilo = -1, ihi = vocab - 1;  // fails at ilo, holds at ihi
-  while (ihi - ilo > 1) {
-    const int32_t mid = ilo + (ihi - ilo) / 2;
-    if (Holds(pred, target, PrefixAgg(pbits, vocab, m, lo, mid, scratch))) {
-      ihi = mid;
-    } else {
-      ilo = mid;
-    }
-  }
-  *found = Boundary{lo, ihi};
+  int64_t lo = 0, hi = 0x3f800001;  // the level: pred holds at lo, fails at hi
+  Narrow(pbits, vocab, m, pred, target, true,
+         [](int64_t t) { return Boundary{static_cast<uint32_t>(t), INT32_MAX}; }, lo, hi, scratch);
+  int64_t ilo = -1, ihi = vocab - 1;  // the id within level lo: fails at ilo, holds at ihi
+  const uint32_t level = static_cast<uint32_t>(lo);
+  Narrow(pbits, vocab, m, pred, target, false,
+         [level](int64_t t) { return Boundary{level, static_cast<int32_t>(t)}; }, ilo, ihi,
+         scratch);
+  *found = Boundary{level, static_cast<int32_t>(ihi)};
   return true;
 }
 
@@ -117,7 +215,8 @@ __device__ bool KeyLess(const Boundary& a, const Boundary& b) {
 }
 
 __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__ SampleParams p) {
-  __shared__ Agg scratch[kThreads / 32];
+  __shared__ Agg scratch[kSplit - 1][kThreads / 32];
+  
   __shared__ float s_max[kThreads / 32];
   __shared__ int32_t s_arg[kThreads / 32];
   const int row = blockIdx.x;
@@ -179,8 +278,11 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
     if (rp.top_k > 0 && rp.top_k < p.vocab) {
       FindFirst(pbits, p.vocab, m, Pred::kCountAtLeast, rp.top_k, &m.end, scratch);
     }
+    // top_p = 1 keeps every candidate (the CPU's prefix can stop short of the whole row only
+    // where the remaining p sum to less than the fp64 rounding of the total: never drawn).
     Boundary top_p;
-    if (FindFirst(pbits, p.vocab, m, Pred::kSumAtLeast, static_cast<double>(rp.top_p) * total,
+    if (rp.top_p < 1.f &&
+        FindFirst(pbits, p.vocab, m, Pred::kSumAtLeast, static_cast<double>(rp.top_p) * total,
                   &top_p, scratch) &&
         KeyLess(top_p, m.end)) {
       m.end = top_p;

@@ -5,9 +5,9 @@
 //    the order (p desc, id asc); keep the first min(top_k, ...) and the shortest prefix whose sum
 //    reaches top_p * total; min-p keeps those with p >= min_p * p_max; then u = Uniform(seed,
 //    step) * kept picks the first candidate whose running sum exceeds u (else the last).
-// The order is never materialised: each prefix boundary is found by bisection over the key
-// (p's fp32 bits, then id) with block-wide (count, fp64 sum) reductions, ~50 passes over the row
-// per boundary. Same seed + logits give the CPU's token; the two can differ only when a draw or
+// The order is never materialised: each prefix boundary is found by an 8-ary search over the
+// key (p's fp32 bits, then id) with block-wide (count, fp64 sum) reductions of 7 prefixes per
+// pass over the row, ~17 passes per boundary (top_p = 1 needs none). Same seed + logits give the CPU's token; the two can differ only when a draw or
 // the top-p target lands within a few ulps of a boundary (expf vs glibc's expf, fp64 sums in
 // another order).
 // logprob: log-softmax of the raw logits at the chosen id (the CPU's SampledToken::logprob).
