@@ -45,7 +45,8 @@ TreeEngine::TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& o
         p.mode = options.mode;
         p.bytes_per_kv_token = pool_->storage().bytes_per_token();  // what attention reads
         return p;
-      }()) {}
+      }()),
+      sampling_pool_(std::make_unique<ThreadPool>(options.sampling_threads)) {}
 
 TreeEngine::~TreeEngine() {
   std::vector<Event> events;
@@ -643,11 +644,20 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   const int64_t vocab = c.vocab_size;
   const std::vector<int32_t>& eog = model_->tokenizer().end_of_generation_ids();
   const double now = NowSeconds();
+  // The rows are sampled side by side (each branch has its own sampler), then handled in order.
+  std::vector<SampledToken> sampled(needs.size());
+  sampling_pool_->ParallelFor(
+      static_cast<int64_t>(needs.size()), 1, [&](int, int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          std::span<const float> row(logits.data() + need_rows[i] * vocab,
+                                     static_cast<size_t>(vocab));
+          sampled[i] = needs[i].branch->sampler->Sample(row);
+        }
+      });
   for (size_t i = 0; i < needs.size(); ++i) {
     Branch& b = *needs[i].branch;
     Generation& g = *generations_.at(b.generation);
-    std::span<const float> row(logits.data() + need_rows[i] * vocab, static_cast<size_t>(vocab));
-    SampledToken tok = b.sampler->Sample(row);
+    const SampledToken& tok = sampled[i];
     if (b.usage.completion_tokens == 0) b.usage.time_to_first_token_s = now - b.start_s;
     ++b.usage.completion_tokens;
     const int32_t id = tok.id;

@@ -44,6 +44,7 @@
 #include "engine/sampler/sampler.h"
 #include "engine/scheduler/step_builder.h"
 #include "engine/tree/tree_kv_cache.h"
+#include "engine/util/thread_pool.h"
 
 namespace deft {
 
@@ -53,6 +54,10 @@ struct EngineOptions {
   int32_t block_tokens = 16;
   int32_t step_token_budget = 512;  // tokens fed per step (decode tips + prefill chunks)
   int32_t max_branches_per_generate = 256;
+  // Threads that sample a step's rows side by side (0: one per core): each branch samples from
+  // its own 50-128k-entry logits row (~1-3 ms on one core), so a step with many branches would
+  // otherwise spend more time sampling than in its forward pass.
+  int32_t sampling_threads = 0;
   PlannerOptions planner;  // mode is taken from `mode`
   // Test hook: called on the scheduler thread right before each scheduler step's forward pass,
   // with the engine lock released.
@@ -265,6 +270,7 @@ class TreeEngine {
   std::unique_ptr<KvBlockPool> pool_;
   std::unique_ptr<TreeKvCache> cache_;
   PartitionPlanner planner_;
+  std::unique_ptr<ThreadPool> sampling_pool_;  // the scheduler thread's; see sampling_threads
   PartitionPlan plan_;
 
   mutable std::mutex mu_;

@@ -72,15 +72,25 @@ __device__ __forceinline__ bool Holds(Pred pred, double target, const Agg& a) {
 // Sum and count of the members with key (pb, i) at or before each of kN boundaries, in one pass
 // over the row (kN = 1: one prefix). Deterministic: per-thread sums in a fixed order, then a
 // fixed reduction tree.
+// `inner` and `outer` bound the prefixes (every b[j] holds inner's elements and lies within
+// outer's): elements past outer are skipped and those within inner summed once, so a narrowed
+// search touches only the elements between the two with kN comparisons.
 template <int kN>
 __device__ void PrefixAggs(const uint32_t* pbits, int32_t vocab, const Members& m,
-                           const Boundary (&b)[kN], Agg (&out)[kN], Agg (*scratch)[kThreads / 32]) {
+                           const Boundary (&b)[kN], const Boundary& inner, const Boundary& outer,
+                           Agg (&out)[kN], Agg (*scratch)[kThreads / 32]) {
   Agg a[kN];
 #pragma unroll
   for (int j = 0; j < kN; ++j) a[j] = Agg{0.0, 0};
+  Agg base{0.0, 0};
   auto add = [&](uint32_t pb, int32_t i) {
-    if (!m.Has(pb, i)) return;
+    if (!Before(pb, i, outer) || !m.Has(pb, i)) return;
     const double v = __uint_as_float(pb);
+    if (Before(pb, i, inner)) {
+      base.sum += v;
+      ++base.count;
+      return;
+    }
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
       if (Before(pb, i, b[j])) {
@@ -121,6 +131,8 @@ __device__ void PrefixAggs(const uint32_t* pbits, int32_t vocab, const Members& 
   for (int32_t i = done + threadIdx.x; i < vocab; i += kThreads) add(pbits[i], i);
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
+    a[j].sum += base.sum;
+    a[j].count += base.count;
     for (int o = 16; o > 0; o >>= 1) {
       a[j].sum += __shfl_xor_sync(0xffffffffu, a[j].sum, o);
       a[j].count += __shfl_xor_sync(0xffffffffu, a[j].count, o);
@@ -147,7 +159,7 @@ __device__ Agg PrefixAgg(const uint32_t* pbits, int32_t vocab, const Members& m,
                          int32_t ib, Agg (*scratch)[kThreads / 32]) {
   const Boundary b[1] = {Boundary{tb, ib}};
   Agg out[1];
-  PrefixAggs<1>(pbits, vocab, m, b, out, scratch);
+  PrefixAggs<1>(pbits, vocab, m, b, Boundary{UINT32_MAX, -1}, Boundary{}, out, scratch);
   return out[0];
 }
 
@@ -171,7 +183,11 @@ __device__ void Narrow(const uint32_t* pbits, int32_t vocab, const Members& m, P
       b[j] = at(t[j]);
     }
     Agg agg[kSplit - 1];
-    PrefixAggs<kSplit - 1>(pbits, vocab, m, b, agg, scratch);
+    // The thresholds lie in (lo, hi]: every prefix contains the one at the end where prefixes
+    // are smallest (hi when they shrink as t rises, else lo) and lies within the one at the
+    // other end's nearest threshold (lo + 1, else hi).
+    const Boundary inner = at(holds_low ? hi : lo), outer = at(holds_low ? lo + 1 : hi);
+    PrefixAggs<kSplit - 1>(pbits, vocab, m, b, inner, outer, agg, scratch);
     int64_t new_lo = lo, new_hi = hi;
     for (int k = 0; k < kSplit - 1; ++k) {  // from the holding end towards the failing one
       const int j = holds_low ? k : kSplit - 2 - k;
@@ -254,12 +270,16 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
       arg = s_arg[w];
     }
   }
-  // log-sum-exp of the raw logits, in fp64 as the CPU's LogSumExp.
-  Agg e{0.0, 0};
-  for (int32_t i = threadIdx.x; i < p.vocab; i += kThreads) {
-    e.sum += exp(static_cast<double>(logits[i]) - mx);
+  // log-sum-exp of the raw logits, in fp64 as the CPU's LogSumExp (a pass of fp64 exp: only
+  // when the logprobs are asked for).
+  double lse = 0.0;
+  if (p.out_logprobs != nullptr) {
+    Agg e{0.0, 0};
+    for (int32_t i = threadIdx.x; i < p.vocab; i += kThreads) {
+      e.sum += exp(static_cast<double>(logits[i]) - mx);
+    }
+    lse = mx + log(BlockSum(e, scratch).sum);
   }
-  const double lse = mx + log(BlockSum(e, scratch).sum);
 
   int32_t chosen = arg;
   if (rp.temperature != 0.f) {

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <set>
@@ -108,6 +109,71 @@ TEST(Sampler, MinPDropsUnlikelyTokens) {
   std::set<int> seen;
   for (int i = 0; i < 400; ++i) seen.insert(s.Sample(logits).id);
   EXPECT_EQ(seen, (std::set<int>{0, 1, 4}));
+}
+
+// The definition, by brute force: every candidate sorted by (prob desc, id asc), top-k, the
+// shortest prefix reaching top_p of the total, min-p against the best, then the first candidate
+// whose running sum exceeds u * kept (the last when none does).
+int32_t ReferenceDraw(const std::vector<float>& logits, const SamplingParams& p, int64_t step) {
+  const float inv_t = 1.f / p.temperature;
+  const float mx = *std::max_element(logits.begin(), logits.end());
+  std::vector<float> w(logits.size());
+  double total = 0;
+  for (size_t i = 0; i < w.size(); ++i) total += w[i] = std::exp((logits[i] - mx) * inv_t);
+  std::vector<int32_t> order(w.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+  std::sort(order.begin(), order.end(),
+            [&](int32_t a, int32_t b) { return w[a] > w[b] || (w[a] == w[b] && a < b); });
+  size_t n = p.top_k > 0 ? std::min<size_t>(p.top_k, order.size()) : order.size();
+  if (p.top_p < 1.f) {
+    double kept = 0;
+    for (size_t i = 0; i < n; ++i) {
+      kept += w[order[i]];
+      if (kept >= p.top_p * total) {
+        n = i + 1;
+        break;
+      }
+    }
+  }
+  size_t m = 1;
+  while (m < n && w[order[m]] >= p.min_p * w[order[0]]) ++m;
+  n = m;
+  double kept = 0;
+  for (size_t i = 0; i < n; ++i) kept += w[order[i]];
+  const double u = Sampler::Uniform(p.seed, static_cast<uint64_t>(step)) * kept;
+  double acc = 0;
+  for (size_t i = 0; i < n; ++i) {
+    acc += w[order[i]];
+    if (u < acc) return order[i];
+  }
+  return order[n - 1];
+}
+
+TEST(Sampler, DrawsTheTokenOfTheSortedDefinition) {
+  // The sampler never sorts (weighted quickselect); it must pick what the sorted definition
+  // picks, over filters, temperatures and rows with many tied probabilities.
+  std::mt19937 rng(5);
+  int checked = 0;
+  for (int row = 0; row < 60; ++row) {
+    const int vocab = row % 3 == 0 ? 5000 : 700;
+    std::vector<float> logits = RandomLogits(vocab, 100 + row);
+    if (row % 4 == 1) {
+      for (float& x : logits) x = std::round(x);  // ties
+    }
+    SamplingParams p;
+    p.temperature = row % 5 == 0 ? 0.6f : 1.f;
+    p.top_k = row % 3 == 1 ? 1 + static_cast<int32_t>(rng() % 200) : 0;
+    p.top_p = row % 2 == 0 ? 0.5f + 0.45f * static_cast<float>(rng() % 100) / 100.f : 1.f;
+    p.min_p = row % 6 == 3 ? 0.05f : 0.f;
+    p.seed = rng();
+    Sampler s(p, {});
+    for (int64_t step = 0; step < 20; ++step) {
+      const int32_t want = ReferenceDraw(logits, p, step);
+      EXPECT_EQ(s.Sample(logits).id, want) << "row " << row << " step " << step;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 1200);
 }
 
 TEST(Sampler, RepetitionPenaltyFollowsHfRule) {
