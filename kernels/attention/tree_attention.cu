@@ -669,7 +669,11 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
 // side by side, 8 entries per round (the first round overlapping the lse loads); the batch's
 // weights are rescaled online to the running max, and the 4 lane groups' sums are combined by
 // shuffles at the end. Fixed entry order and shuffle tree: deterministic.
-template <typename T, int D>
+// kRound: lane-group passes per round of loads (4 * kRound entries' o slices in flight). 2 keeps
+// the kernel at 80 registers for grids of many (query, head) warps; 8 reads a batch of 32
+// entries in one round trip (179 registers) for queries with many entries and a grid of one
+// wave.
+template <typename T, int D, int kRound>
 __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_constant__ MergeParams p) {
   constexpr int kGroups = 4;                  // entries read side by side
   constexpr int kLanesPerEntry = 32 / kGroups;  // 8 lanes cover one o vector
@@ -692,7 +696,8 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
   // A batch of 32 entries is read in rounds of 2 lane-group passes (8 entries, 8 independent
   // 16-byte loads per lane in flight); the first round goes out before the batch's lse, so the
   // two round trips overlap.
-  constexpr int kPasses = 32 / kGroups, kRound = 2;
+  constexpr int kPasses = 32 / kGroups;
+  static_assert(kPasses % kRound == 0, "rounds of passes");
   float4 v[kRound][kPer / 4];
   auto load_round = [&](int my_entry, int n, int first_pass) {
 #pragma unroll
@@ -761,6 +766,22 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
   for (int j = 0; j < kPer; ++j) dst[j] = FromFloat<T>(acc[j] * inv);
 }
 
+// (query, head) warps up to which the merge reads 32 entries per round (see the merge kernel):
+// one wave at its 179 registers, 2 CTAs of 4 warps per SM (measured on the H100: a chain's
+// merge 7.8 -> 6.8 us; 1600 warps, two waves, 8.7 -> 11.0 us).
+int64_t WideMergeMaxWarps() {
+  static const int64_t warps = [] {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();  // clear it: the launch below reports its own errors
+      return int64_t{0};
+    }
+    return int64_t{sms} * 2 * 4;
+  }();
+  return warps;
+}
+
 size_t AlignUp(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 
 template <typename T, int D>
@@ -807,7 +828,12 @@ cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attribute;
     config.numAttrs = a.phases == TreeAttentionPhases::kBoth && a.plan.num_work > 0 ? 1 : 0;
-    return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D>, mp);
+    // Queries with more than 8 entries need several rounds of loads at kRound = 2, each an L2
+    // round trip; all in one round costs occupancy, which matters only for large grids.
+    if (a.plan.max_query_entries > 8 && warps <= WideMergeMaxWarps()) {
+      return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D, 8>, mp);
+    }
+    return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D, 2>, mp);
   }
   return cudaSuccess;
 }

@@ -57,6 +57,7 @@ struct TreeAttentionPlanView {  // device pointers to the plan's arrays
   int32_t num_queries = 0;
   int32_t num_entries = 0;
   int32_t num_work = 0;
+  int32_t max_query_entries = 0;  // the most entries of one query
   int32_t group = 0;  // num_heads / num_kv_heads the work items were built for
 };
 

@@ -118,6 +118,11 @@ cudaError_t DeviceTreeAttentionPlan::Upload(const TreeAttentionPlanArrays& p, in
   view_.num_queries = static_cast<int32_t>(queries);
   view_.num_entries = static_cast<int32_t>(entries);
   view_.num_work = static_cast<int32_t>(work_.size() / 4);
+  view_.max_query_entries = 0;
+  for (size_t q = 0; q < queries; ++q) {
+    view_.max_query_entries = std::max(view_.max_query_entries,
+                                       p.query_entry_begin[q + 1] - p.query_entry_begin[q]);
+  }
   view_.group = group;
   // One copy up to the last used byte (the headroom between regions travels too).
   bytes_ = end;
