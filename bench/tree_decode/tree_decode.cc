@@ -3,9 +3,11 @@
 //
 //   tree_decode --model M [--prompt-tokens 1000] [--branches 16] [--gen-tokens 64]
 //               [--mode flatten|node|seq|tree] [--threads 0] [--repeats 3]
+//               [--temperature 0] [--top-p 1]
 //
 // Each repeat: create the tree, prefill the prompt (timed separately), fork W children at its
-// end, generate --gen-tokens greedy tokens on all of them at once (ignore EOS), delete the tree.
+// end, generate --gen-tokens tokens on all of them at once (ignore EOS; greedy unless
+// --temperature > 0: then sampled with a seed per branch and --top-p), delete the tree.
 // Reports prefill time and aggregate decode tokens/s (W * gen / decode time), median of repeats
 // after one warm-up. PERFORMANCE.md section 3 compares the aggregate with llama.cpp decoding the
 // branches one by one (its single-sequence decode rate, bench/cpu_decode/run.sh).
@@ -35,6 +37,7 @@ double Median(std::vector<double> v) {
 int main(int argc, char** argv) {
   std::string model_path, mode_name = "flatten";
   int prompt_tokens = 1000, branches = 16, gen = 64, threads = 0, repeats = 3;
+  float temperature = 0.f, top_p = 1.f;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -58,6 +61,10 @@ int main(int argc, char** argv) {
       threads = std::atoi(next());
     else if (a == "--repeats")
       repeats = std::atoi(next());
+    else if (a == "--temperature")
+      temperature = static_cast<float>(std::atof(next()));
+    else if (a == "--top-p")
+      top_p = static_cast<float>(std::atof(next()));
     else {
       std::fprintf(stderr, "tree_decode: unknown argument %s\n", a.c_str());
       return 2;
@@ -69,7 +76,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: tree_decode --model M [--prompt-tokens N] [--branches W] "
                  "[--gen-tokens G] [--mode flatten|node|seq|tree] [--threads T] "
-                 "[--repeats R]\n");
+                 "[--repeats R] [--temperature T] [--top-p P]\n");
     return 2;
   }
   auto loaded = deft::LoadModel(model_path, {});
@@ -129,7 +136,9 @@ int main(int argc, char** argv) {
     for (int b = 0; b < branches; ++b) {
       deft::BranchRequest q;
       q.node = (*kids)[b];
-      q.params.temperature = 0;
+      q.params.temperature = temperature;
+      q.params.top_p = top_p;
+      q.params.seed = 1000 + static_cast<uint64_t>(b);
       q.params.max_tokens = gen;
       q.params.ignore_eos = true;
       reqs.push_back(q);
