@@ -1,17 +1,19 @@
 // DeFT tree attention kernels: the chunk kernel (partial states per plan entry) and the merge
 // kernel (per-query log-sum-exp reduction in plan order). See tree_attention.h for the contract.
 //
-// Chunk kernel, per CTA = (work item, KV head), 4 warps:
-//  - rows: tile row r (0..63) is chunk row work_row + r = entry * group + g; warp w owns rows
-//    16 * (w / S) .. +15 and, within each 64-token sub-tile, tokens (w % S) * 64/S .. +64/S, where
-//    S = 4 / (number of 16-row groups) (1 group: 4 warps split the tokens; 2: 2x2; 3-4: 1).
+// Chunk kernel, per CTA = (work item, KV head), 4 warps, 3 CTAs per SM (168 registers):
+//  - rows: tile row r (0..63) is chunk row work_row + r = entry * group + g. On sm_90a every
+//    tile runs on wgmma (warp w owns rows 16w..16w+15, a tile of a few rows leaves the others
+//    empty). Where wgmma is missing, mma.sync: warp w owns rows 16 * (w / S) .. +15 and, within
+//    each 64-token sub-tile, tokens (w % S) * 64/S .. +64/S, where S = 4 / (number of 16-row
+//    groups) (1 group: 4 warps split the tokens; 2: 2x2; 3-4: 1).
 //  - K/V: 64-token sub-tiles gathered slot by slot (16-byte cp.async, zero-filled past the chunk)
-//    into a 3-stage ring; rows of head_dim values swizzled (16-byte column chunk XOR token & 7)
-//    so ldmatrix reads 8 tokens at one column without bank conflicts. Slot ids: registers, one
-//    sub-tile ahead (mma.sync tiles), or a shared-memory ring filled by cp.async two sub-tiles
-//    ahead (wgmma tiles: a wgmma fence waits for every pending register load).
-//  - math: S = Q K^T with mma.sync m16n8k16 (fp32 accumulate), scores in log2 domain, online
-//    softmax per row, P rounded to T for O += P V. Masked tokens get -inf.
+//    into a 2-stage ring; rows of head_dim values swizzled (16-byte column chunk XOR token & 7)
+//    so ldmatrix and wgmma read them without bank conflicts. Slot ids: a shared-memory ring
+//    filled by cp.async ahead of the copies (wgmma: a wgmma fence waits for every pending
+//    register load), or registers one sub-tile ahead (mma.sync).
+//  - math: S = Q K^T (fp32 accumulate), scores in log2 domain, online softmax per row, P
+//    rounded to T for O += P V. Masked tokens get -inf.
 //  - end: S > 1 warps of a row group merge through shared memory; partial o is normalized,
 //    lse = ln(sum) + max in natural log.
 // Merge kernel: one warp per (query, head), entries in plan order, weights exp(lse - max).
@@ -35,12 +37,15 @@ constexpr int kThreads = kWarps * 32;
 #ifndef DEFT_ATTN_SUB_TOKENS
 #define DEFT_ATTN_SUB_TOKENS 64
 #endif
+// CTAs per SM the chunk kernel is compiled for (registers per thread: 64K / (128 x this)). At
+// 3 (168 registers; 2 stages, 66 KiB of shared memory per CTA) every tile runs on wgmma: the
+// mma.sync path for tiles of up to 16 rows would spill there. Measured on the H100 against
+// 2 CTAs of 3 stages with mma.sync for those tiles (bench/RESULTS.md): 6-17% faster on every row.
 #ifndef DEFT_ATTN_STAGES
-#define DEFT_ATTN_STAGES 3
+#define DEFT_ATTN_STAGES 2
 #endif
-// CTAs per SM the chunk kernel is compiled for (registers per thread: 64K / (128 x this)).
 #ifndef DEFT_ATTN_MIN_BLOCKS
-#define DEFT_ATTN_MIN_BLOCKS 2
+#define DEFT_ATTN_MIN_BLOCKS 3
 #endif
 #define DEFT_ATTN_SUB_TOKENS_IS_64 (DEFT_ATTN_SUB_TOKENS == 64)
 // wgmma exists on sm_90a only (the arch-specific feature set); other targets use mma.sync alone.
@@ -430,7 +435,7 @@ __device__ __forceinline__ void ComputeSubTileWg(const ChunkParams& p, const uin
 // Visibility words of the thread's rows a and b over the sub-tile starting at token tok0 of the
 // chunk (bit t: token tok0 + t is inside the chunk and, for a masked entry, visible to the row).
 __device__ __forceinline__ void VisibilityWords(const ChunkParams& p, int tok0, int chunk_len,
-                                                const bool (&valid)[2], const int64_t (&mask_at)[2],
+                                                const bool (&valid)[2], const int32_t (&mask_at)[2],
                                                 uint64_t (&word)[2]) {
   const int here = min(chunk_len - tok0, kSubTokens);  // tokens of the sub-tile inside the chunk
   const uint64_t in_chunk = here >= 64 ? ~0ull : ((1ull << here) - 1ull);
@@ -456,25 +461,45 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   const int row0 = w.w & 0xffffff, rows = static_cast<int>(static_cast<uint32_t>(w.w) >> 24);
   const int groups = (rows + 15) / 16;
   constexpr int kMaxSplits = kSubTokens / 16;  // a warp takes at least 16 tokens (one k-step)
-  // Tiles of more than 16 rows run on wgmma where the target has it (all 4 warps, 64 rows).
-  const bool wg = DEFT_ATTN_WGMMA && groups >= 2;
+  // Every tile runs on wgmma where the target has it (all 4 warps, 64 rows; a tile of a few
+  // rows wastes tensor-core rows but not time: see DEFT_ATTN_MIN_BLOCKS), else on mma.sync.
+  constexpr bool wg = DEFT_ATTN_WGMMA;
   const int splits = wg ? 1 : (groups == 1 ? kMaxSplits : (groups == 2 ? min(2, kMaxSplits) : 1));
   const int rg = warp / splits, split = warp % splits;
   const bool active = rg < groups;
 
-  // K/V of the first sub-tiles first: their latency hides the Q and mask set-up below. Slot ids
-  // come through registers here and in the mma.sync loop; the wgmma loop reads them from the
-  // shared-memory id ring (kIdAhead sub-tiles ahead), whose first ids go with the first copies.
+  // The prologue goes out in three rounds of global loads, each round's loads independent of
+  // each other: (1) the work item; (2) the slot ids of the first sub-tiles and the plan rows of
+  // this thread's two entries; (3) the K/V copies of the first kStages - 1 sub-tiles (the later
+  // ids into the shared-memory id ring) and Q.
   const int num_sub = (chunk_len + kSubTokens - 1) / kSubTokens;
   const int32_t* ids = reinterpret_cast<const int32_t*>(smem + K::kIdOffset);
   const uint32_t ids_s = SmemAddr(smem + K::kIdOffset);
-  SubTileSlots<T, D> slots;
+  SubTileSlots<T, D> first[kStages];  // ids of sub-tiles 0 .. kStages - 1 (-1 past the chunk)
+#pragma unroll
+  for (int st = 0; st < kStages; ++st) {
+    // The wgmma loop takes sub-tile kStages - 1's ids from the ring; the mma.sync loop from here.
+    if (st < kStages - 1 || !wg) LoadSlots<T, D>(p, chunk_first, chunk_len, st, first[st]);
+  }
+  // This thread's two rows: a = lane/4, b = lane/4 + 8 of row group rg.
+  int query[2], mb[2], me[2], head[2];
+  int32_t at[2];  // (entry, head) row of the partial states (RunTreeAttention: < 2^31)
+  bool valid[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int tile_row = rg * 16 + (lane >> 2) + 8 * r;
+    valid[r] = active && tile_row < rows;
+    const int chunk_row = row0 + tile_row;
+    const int entry = entry0 + (valid[r] ? chunk_row / p.group : 0);
+    head[r] = kv_head * p.group + (valid[r] ? chunk_row % p.group : 0);
+    at[r] = entry * p.num_heads + head[r];
+    query[r] = valid[r] ? __ldg(p.plan.entry_query + entry) : 0;
+    mb[r] = valid[r] ? __ldg(p.plan.entry_mask_begin + entry) : 0;
+    me[r] = valid[r] ? __ldg(p.plan.entry_mask_begin + entry + 1) : 0;
+  }
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < num_sub) {
-      LoadSlots<T, D>(p, chunk_first, chunk_len, st, slots);
-      LoadSubTile<T, D>(p, smem, st, slots, kv_head);
-    }
+    if (st < num_sub) LoadSubTile<T, D>(p, smem, st, first[st], kv_head);
     if (st == 0 && wg) {
 #pragma unroll
       for (int i = kStages - 1; i < kStages - 1 + kIdAhead; ++i) {
@@ -483,30 +508,19 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     }
     CpAsyncCommit();
   }
-  // The mma.sync loop's slot ids of the next sub-tile to copy (kStages - 1), fetched now.
-  if (!wg && kStages - 1 < num_sub) LoadSlots<T, D>(p, chunk_first, chunk_len, kStages - 1, slots);
+  // The mma.sync loop's slot ids of the next sub-tile to copy (kStages - 1).
+  SubTileSlots<T, D> slots = first[kStages - 1];
 
-  // This thread's two rows: a = lane/4, b = lane/4 + 8 of row group rg.
-  int entry[2], head[2];
-  bool valid[2];
-  int64_t mask_at[2];
+  int32_t mask_at[2];
   uint32_t qf[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int tile_row = rg * 16 + (lane >> 2) + 8 * r;
-    valid[r] = active && tile_row < rows;
-    const int chunk_row = row0 + tile_row;
-    entry[r] = entry0 + (valid[r] ? chunk_row / p.group : 0);
-    head[r] = kv_head * p.group + (valid[r] ? chunk_row % p.group : 0);
-    mask_at[r] = -1;
+    mask_at[r] = valid[r] && mb[r] != me[r] ? mb[r] : -1;
     if (!valid[r]) continue;
-    const int mb = p.plan.entry_mask_begin[entry[r]];
-    if (mb != p.plan.entry_mask_begin[entry[r] + 1]) mask_at[r] = mb;
-    const int query = p.plan.entry_query[entry[r]];
     const T* qrow = static_cast<const T*>(p.q) +
-                    (static_cast<int64_t>(query) * p.num_heads + head[r]) * D;
+                    (static_cast<int64_t>(query[r]) * p.num_heads + head[r]) * D;
     const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qrow);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -635,14 +649,13 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!valid[r]) continue;
-    const int64_t at = static_cast<int64_t>(entry[r]) * p.num_heads + head[r];
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    float* out = p.part_o + at * D;
+    float* out = p.part_o + static_cast<int64_t>(at[r]) * D;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       *reinterpret_cast<float2*>(out + 8 * n + c) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
     }
-    if ((lane & 3) == 0) p.part_lse[at] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    if ((lane & 3) == 0) p.part_lse[at[r]] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
   }
 }
 
@@ -864,6 +877,8 @@ cudaError_t RunTreeAttention(const TreeAttentionArgs& a, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   if (a.plan.num_work > 65535 * 1024) return cudaErrorInvalidValue;
+  // The chunk kernel indexes partial states by (entry, head) in 32 bits.
+  if (static_cast<int64_t>(a.plan.num_entries) * a.num_heads > INT32_MAX) return cudaErrorInvalidValue;
   const bool bf16 = a.dtype == KvDtype::kBFloat16;
   if (a.head_dim == 128) return bf16 ? Launch<__nv_bfloat16, 128>(a, stream) : Launch<__half, 128>(a, stream);
   if (a.head_dim == 64) return bf16 ? Launch<__nv_bfloat16, 64>(a, stream) : Launch<__half, 64>(a, stream);
