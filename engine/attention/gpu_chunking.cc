@@ -22,10 +22,12 @@ double EstimateGpuAttentionSeconds(const PartitionPlan& plan, const GpuAttention
   for (int32_t c = 0; c < plan.num_chunks(); ++c) {
     const double len = plan.chunk_begin[c + 1] - plan.chunk_begin[c];
     int64_t rows = static_cast<int64_t>(plan.entry_begin[c + 1] - plan.entry_begin[c]) * group;
-    while (rows > 0) {  // an item's tile is 64 rows (wgmma M) however many it holds
-      rows -= std::min<int64_t>(rows, 64);
+    while (rows > 0) {
+      const int64_t r = std::min<int64_t>(rows, 64);
+      rows -= r;
+      const double rows16 = static_cast<double>((r + 15) / 16 * 16);
       items.push_back(std::max(len * bytes_per_token / per_cta_bw,
-                               4.0 * 64 * len * m.head_dim / per_cta_flops) +
+                               4.0 * rows16 * len * m.head_dim / per_cta_flops) +
                       m.item_overhead_s);
     }
   }

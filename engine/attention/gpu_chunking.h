@@ -10,11 +10,15 @@
 // Model (per layer; constants are measured H100 numbers, overridable):
 //  item   = up to 64 rows (entry x query head of a GQA group) of one chunk, for one KV head;
 //  t_item = max(len x head_dim x 2 x elem_bytes / (bw / slots),
-//               4 x 64 x len x head_dim / (mma_flops / slots)) + item_overhead
+//               4 x rows16 x len x head_dim / (mma_flops / slots)) + item_overhead
 //  t      = makespan of the items (in grid order) on slots = sms x ctas_per_sm CTA slots, each
 //           item taking the first free slot, + (partial bytes written and read back) / bw
 //           + merge_overhead
-// where 64 is the tile's rows whatever the item holds (the kernel's wgmma is 64 rows high).
+// where rows16 is the rows rounded up to 16. The constants are a calibration, not the kernel's
+// shape (it runs 3 CTAs per SM and 64-row wgmma tiles): on the H100 sweep of bench/RESULTS.md
+// (5 trees x 7 chunk sizes) they pick the best size or one within 0.4 us on 4 of 5 trees (the
+// fifth, few-shot 50x400, 49.7 against 47.4 us), where the kernel's own shape (3 CTAs per SM,
+// 64-row tiles) picked smaller chunks that lost 0.5-1.5 us to the merge on 5 of 9 rows.
 // Thread safety: stateless functions.
 #pragma once
 
@@ -28,9 +32,9 @@ namespace deft {
 
 struct GpuAttentionCostModel {
   int32_t num_heads = 32, num_kv_heads = 8, head_dim = 128, elem_bytes = 2;
-  int32_t sms = 132, ctas_per_sm = 3;
+  int32_t sms = 132, ctas_per_sm = 2;
   double bandwidth = 3.0e12;  // bytes/s
-  double mma_flops = 4.0e14;  // achieved by the chunk kernel's wgmma (softmax included)
+  double mma_flops = 4.0e14;  // achieved by mma.sync m16n8k16 in the chunk kernel
   double item_overhead_s = 0.4e-6;
   double merge_overhead_s = 2.0e-6;
 };
