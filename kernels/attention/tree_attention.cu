@@ -14,9 +14,11 @@
 //    register load), or registers one sub-tile ahead (mma.sync).
 //  - math: S = Q K^T (fp32 accumulate), scores in log2 domain, online softmax per row, P
 //    rounded to T for O += P V. Masked tokens get -inf.
-//  - end: S > 1 warps of a row group merge through shared memory; partial o is normalized,
-//    lse = ln(sum) + max in natural log.
-// Merge kernel: one warp per (query, head), entries in plan order, weights exp(lse - max).
+//  - end: S > 1 warps of a row group merge through shared memory; partial o is normalized and
+//    stored in T (16-byte pieces of rows, staged in shared memory), lse = ln(sum) + max in
+//    natural log, fp32.
+// Merge kernel: one warp per (query, head), entries in plan order, weights exp(lse - max), sums
+// in fp32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -65,11 +67,11 @@ struct ChunkParams {
   const void* q;
   const void* k;
   const void* v;
-  int64_t kv_slot_stride;
+  uint32_t kv_slot_bytes;  // bytes between consecutive slots
   int32_t num_heads, num_kv_heads, group;
   float scale_log2;  // log2(e) / sqrt(head_dim)
   TreeAttentionPlanView plan;
-  float* part_o;    // [num_entries, num_heads, head_dim]
+  void* part_o;     // [num_entries, num_heads, head_dim] of T (normalized: o / l)
   float* part_lse;  // [num_entries, num_heads]
   bool skip_masked;
 };
@@ -143,11 +145,15 @@ __device__ __forceinline__ uint32_t TileOffset(int token, int chunk16) {
 }
 
 // Slot ids travel through shared memory: a ring of kIdSlots sub-tiles' ids, copied by cp.async
-// (4 bytes per token, tokens past the chunk not read) kIdAhead sub-tiles before their K/V copies
-// read them. Held in registers instead, a sub-tile's id loads were still in flight at the next
-// wgmma fence, which waits for every pending register load: one global round trip per sub-tile.
+// (4 bytes per token, zeros past the chunk) kIdAhead sub-tiles before their K/V copies read them.
+// Held in registers instead, a sub-tile's id loads were still in flight at the next wgmma fence,
+// which waits for every pending register load: one global round trip per sub-tile. Within a
+// ring slot the ids are stored in the order the copy threads take them (SubTileSlots: a
+// thread's tokens are kTokStep apart), so a thread reads its ids with 16-byte loads.
 constexpr int kIdAhead = kStages - 1;          // ids copied this many sub-tiles before their K/V
-constexpr int kIdSlots = kStages + 1;          // ids of sub-tiles next .. next + kIdAhead live
+// Ids of sub-tiles next .. next + kIdAhead are live; a power of two makes `sub % kIdSlots` a mask.
+constexpr int kIdSlots = (kStages + 1) <= 4 ? 4 : 8;
+static_assert(kStages + 1 <= kIdSlots, "id ring too small");
 constexpr int kIdBytes = kIdSlots * kSubTokens * 4;
 
 template <typename T, int D>
@@ -157,6 +163,7 @@ struct ChunkKernel {
   static constexpr int kStageBytes = 2 * kSubBytes;            // K then V
   static constexpr int kRingBytes = kStages * kStageBytes;     // D=128: 96 KiB, D=64: 48 KiB
   static constexpr int kMergeBytes = kWarps * 16 * (D + 2) * 4;  // o, m, l per warp row
+  static_assert(kMergeBytes + kWarps * 16 * (D * 2 + 16) <= kRingBytes, "partials' staging");
   // + 1 KiB: the ring starts at the first 1024-byte boundary (the swizzle atoms' alignment).
   // + the slot id ring after them.
   static constexpr int kSmemBytes =
@@ -172,19 +179,25 @@ __device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, bool val
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
 
-// Copies the slot ids of sub-tile `sub` into its id slot (threads 0..kSubTokens-1, one each).
+// Copies the slot ids of sub-tile `sub` into its id slot (threads 0..kSubTokens-1, one each),
+// token t at position (t % kTokStep) * kPer + t / kTokStep (see SubTileSlots).
+template <int D>
 __device__ __forceinline__ void LoadSlotIds(const ChunkParams& p, uint32_t ids, int chunk_first,
                                             int chunk_len, int sub) {
+  constexpr int kTokStep = kThreads / (D / 8), kPer = kSubTokens / kTokStep;
   const int t = static_cast<int>(threadIdx.x);
   if (t < kSubTokens) {
     const int token = sub * kSubTokens + t;
     const bool valid = token < chunk_len;
-    CpAsync4(ids + ((sub % kIdSlots) * kSubTokens + t) * 4,
+    const int pos = (t % kTokStep) * kPer + t / kTokStep;
+    CpAsync4(ids + ((sub & (kIdSlots - 1)) * kSubTokens + pos) * 4,
              p.plan.kv_slots + chunk_first + (valid ? token : 0), valid);
   }
 }
 
-// Slot ids of sub-tile `sub` for this thread's pieces (-1 past the chunk). Piece j of a thread is
+// Slot ids of sub-tile `sub` for this thread's pieces and how many of the sub-tile's tokens from
+// the thread's first lie inside the chunk (piece j is valid while j * kTokStep < here; ids past
+// the chunk are 0 and not read). Piece j of a thread is
 // 16-byte column chunk c16 = threadIdx.x % kChunk16 of token t0 + j * kTokStep of the sub-tile,
 // t0 = threadIdx.x / kChunk16, kTokStep = kThreads / kChunk16 (8 for D = 128, 16 for D = 64). As
 // kTokStep is a multiple of 8, the swizzle (token mod 8) is the same for all of a thread's pieces
@@ -196,7 +209,9 @@ struct SubTileSlots {
   static constexpr int kPer = kSubTokens * (D / 8) / kThreads;
   static constexpr int kTokStep = kThreads / (D / 8);
   static_assert(kTokStep % 8 == 0, "a thread's pieces share their swizzle");
+  static_assert(kPer % 4 == 0, "ids read 4 at a time from the ring");
   int id[kPer];
+  int here;
 };
 
 template <typename T, int D>
@@ -205,10 +220,11 @@ __device__ __forceinline__ void LoadSlots(const ChunkParams& p, int chunk_first,
   using S = SubTileSlots<T, D>;
   const int t0 = sub * kSubTokens + static_cast<int>(threadIdx.x) / (D / 8);
   const int32_t* ids = p.plan.kv_slots + chunk_first;
+  s.here = chunk_len - t0;
 #pragma unroll
   for (int j = 0; j < S::kPer; ++j) {
     const int t = t0 + j * S::kTokStep;
-    s.id[j] = t < chunk_len ? __ldg(ids + t) : -1;
+    s.id[j] = t < chunk_len ? __ldg(ids + t) : 0;
   }
 }
 
@@ -217,13 +233,22 @@ __device__ __forceinline__ void SlotsFromRing(const int32_t* ids, int chunk_len,
                                               SubTileSlots<T, D>& s) {
   using S = SubTileSlots<T, D>;
   const int t0 = static_cast<int>(threadIdx.x) / (D / 8);
-  const int32_t* mine = ids + (sub % kIdSlots) * kSubTokens + t0;
-  const int here = chunk_len - sub * kSubTokens - t0;
+  const int4* mine =
+      reinterpret_cast<const int4*>(ids + (sub & (kIdSlots - 1)) * kSubTokens + t0 * S::kPer);
+  s.here = chunk_len - sub * kSubTokens - t0;
 #pragma unroll
-  for (int j = 0; j < S::kPer; ++j) s.id[j] = j * S::kTokStep < here ? mine[j * S::kTokStep] : -1;
+  for (int j = 0; j < S::kPer / 4; ++j) {
+    const int4 v = mine[j];
+    s.id[4 * j] = v.x;
+    s.id[4 * j + 1] = v.y;
+    s.id[4 * j + 2] = v.z;
+    s.id[4 * j + 3] = v.w;
+  }
 }
 
-// Issues the cp.async copies of one sub-tile (slot ids from LoadSlots) into ring slot `slot`.
+// Issues the cp.async copies of one sub-tile (slot ids from LoadSlots or SlotsFromRing) into
+// ring slot `slot`. Per piece: a 32 x 32 -> 64-bit multiply (slot id x slot bytes), two 64-bit
+// adds and the two copies.
 template <typename T, int D>
 __device__ __forceinline__ void LoadSubTile(const ChunkParams& p, uint8_t* smem, int slot,
                                             const SubTileSlots<T, D>& s, int kv_head) {
@@ -234,15 +259,16 @@ __device__ __forceinline__ void LoadSubTile(const ChunkParams& p, uint8_t* smem,
   const int t0 = static_cast<int>(threadIdx.x) / K::kChunk16;
   const uint32_t kdst = SmemAddr(smem + slot * K::kStageBytes) + TileOffset<D>(t0, c16);
   const uint32_t vdst = kdst + K::kSubBytes;
-  const T* kb = static_cast<const T*>(p.k) + kv_head * D + c16 * 8;
-  const T* vb = static_cast<const T*>(p.v) + kv_head * D + c16 * 8;
-  const int32_t stride = static_cast<int32_t>(p.kv_slot_stride);  // < 2^31 (RunTreeAttention)
+  const uint32_t col = static_cast<uint32_t>((kv_head * D + c16 * 8) * sizeof(T));
+  const char* kb = static_cast<const char*>(p.k) + col;
+  const char* vb = static_cast<const char*>(p.v) + col;
+  const uint32_t stride = p.kv_slot_bytes;  // < 2^32 (RunTreeAttention)
 #pragma unroll
   for (int j = 0; j < S::kPer; ++j) {
-    const int id = s.id[j];
-    const bool valid = id >= 0;
-    const int64_t off = static_cast<int64_t>(valid ? id : 0) * stride;
+    const bool valid = j * S::kTokStep < s.here;
     const uint32_t row = static_cast<uint32_t>(j * S::kTokStep * 128);
+    const uint32_t id = static_cast<uint32_t>(s.id[j]);
+    const uint64_t off = static_cast<uint64_t>(id) * stride;
     CpAsync16(kdst + row, kb + off, valid);
     CpAsync16(vdst + row, vb + off, valid);
   }
@@ -386,12 +412,14 @@ __device__ __forceinline__ void ComputeSubTile(const ChunkParams& p, const uint8
 // The warpgroup's (all 4 warps, 64 rows: warp w holds rows 16w..16w+15) work on one 64-token
 // sub-tile with wgmma: S = Q K^T (Q from registers, K from the ring), online softmax in
 // registers, O += P V (P from registers, V from the ring, transposed B). Every warp of the CTA
-// must call it (the wgmma instructions are warpgroup-wide).
-template <typename T, int D>
+// must call it (the wgmma instructions are warpgroup-wide). `between` runs while the tensor
+// cores compute S (the next sub-tile's copies are issued there).
+template <typename T, int D, typename Between>
 __device__ __forceinline__ void ComputeSubTileWg(const ChunkParams& p, const uint8_t* smem,
                                                  int slot, uint64_t word_a, uint64_t word_b,
                                                  const uint32_t (&qf)[D / 16][4], float (&m)[2],
-                                                 float (&l)[2], float (&o)[D / 8][4]) {
+                                                 float (&l)[2], float (&o)[D / 8][4],
+                                                 const Between& between) {
   using K = ChunkKernel<T, D>;
   // Descriptors: one low word per operand, constant offsets added per k-step.
   const uint32_t k_lo = SmemDescSw128Lo(SmemAddr(smem + slot * K::kStageBytes), 16);
@@ -407,6 +435,7 @@ __device__ __forceinline__ void ComputeSubTileWg(const ChunkParams& p, const uin
     Wgmma<T>::N64(s, qf[kk], desc, kk > 0 ? 1 : 0);
   }
   WgmmaCommit();
+  between();
   WgmmaWaitAll();
   WgmmaFenceOperands(s);
   float alpha[2];
@@ -503,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     if (st == 0 && wg) {
 #pragma unroll
       for (int i = kStages - 1; i < kStages - 1 + kIdAhead; ++i) {
-        if (i < num_sub) LoadSlotIds(p, ids_s, chunk_first, chunk_len, i);
+        if (i < num_sub) LoadSlotIds<D>(p, ids_s, chunk_first, chunk_len, i);
       }
     }
     CpAsyncCommit();
@@ -547,20 +576,25 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     const int seen = __syncthreads_or(!p.skip_masked || (word[0] | word[1]) != 0ull);
     const int next = sub + kStages - 1;
     // K/V of sub-tile `next` (its ids landed kIdAhead iterations ago), the ids of next +
-    // kIdAhead into an id slot whose previous ids were read before an earlier barrier.
-    if (next < num_sub) {
-      SlotsFromRing<T, D>(ids, chunk_len, next, slots);
-      LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head);
-    }
-    if (next + kIdAhead < num_sub) {
-      LoadSlotIds(p, ids_s, chunk_first, chunk_len, next + kIdAhead);
-    }
-    CpAsyncCommit();
+    // kIdAhead into an id slot whose previous ids were read before an earlier barrier. Issued
+    // after this sub-tile's S = Q K^T went to the tensor cores (the slot they fill was freed
+    // by the barrier above).
+    const auto copies = [&] {
+      if (next < num_sub) {
+        SlotsFromRing<T, D>(ids, chunk_len, next, slots);
+        LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head);
+      }
+      if (next + kIdAhead < num_sub) {
+        LoadSlotIds<D>(p, ids_s, chunk_first, chunk_len, next + kIdAhead);
+      }
+      CpAsyncCommit();
+    };
     // Rows past the tile (zero Q, never written) take the unmasked path: they may not force
     // the masked one on the others.
+    copies();
     if (seen) {
       ComputeSubTileWg<T, D>(p, smem, sub % kStages, valid[0] ? word[0] : ~0ull,
-                             valid[1] ? word[1] : ~0ull, qf, m, l, o);
+                             valid[1] ? word[1] : ~0ull, qf, m, l, o, [] {});
     }
   }
 #endif
@@ -591,6 +625,8 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     }
   }
   CpAsyncWait<0>();
+  // Every copy landed and every warp left the loop: the ring is free for the partials' staging.
+  __syncthreads();
   // Programmatic dependent launch: the merge grid may be scheduled once every CTA got here (it
   // still waits for this grid's completion and memory flush before reading the partials).
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -646,27 +682,64 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     }
   }
   if (!active) return;
+  // Partial o in T (a convex combination of V rows, so within T's range): half the bytes of
+  // fp32 for these stores and the merge's reads. Staged through this warp's rows in shared
+  // memory (after the split-merge area) so that each store is a whole 16-byte piece of a row.
+  constexpr int kStageRow = D * 2 + 16;  // bytes; the pad spreads the rows over the banks
+  uint8_t* stage = smem + K::kMergeBytes + warp * 16 * kStageRow;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (!valid[r]) continue;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    float* out = p.part_o + static_cast<int64_t>(at[r]) * D;
+    uint8_t* row = stage + ((lane >> 2) + 8 * r) * kStageRow;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<float2*>(out + 8 * n + c) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+      *reinterpret_cast<uint32_t*>(row + (8 * n + c) * 2) =
+          MmaOp<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
     }
-    if ((lane & 3) == 0) p.part_lse[at[r]] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    if (valid[r] && (lane & 3) == 0) {
+      p.part_lse[at[r]] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    }
+  }
+  __syncwarp();
+  constexpr int kSegs = D * 2 / 16;  // 16-byte pieces per row
+  static_assert(8 % (32 / kSegs) == 0, "a pass's rows are all a rows or all b rows");
+#pragma unroll
+  for (int k = 0; k < 16 * kSegs / 32; ++k) {
+    const int i = k * 32 + lane;
+    const int row = i / kSegs, seg = i % kSegs;
+    constexpr int kRowsPerPass = 32 / kSegs;
+    const int r = (k * kRowsPerPass) / 8;  // row >> 3, the same for the whole pass
+    const int owner = (row & 7) * 4;       // the lane holding the row's (entry, head)
+    const int row_at = __shfl_sync(0xffffffffu, at[r], owner);
+    const int row_valid = __shfl_sync(0xffffffffu, valid[r] ? 1 : 0, owner);
+    if (row_valid) {
+      const uint4 piece = *reinterpret_cast<const uint4*>(stage + row * kStageRow + seg * 16);
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.part_o) + static_cast<int64_t>(row_at) * D +
+                                seg * 8) = piece;
+    }
   }
 }
 
 struct MergeParams {
-  const float* part_o;
+  const void* part_o;  // of T
   const float* part_lse;
   const int32_t* query_entry_begin;
   const int32_t* query_entries;
   void* out;
   int32_t num_queries, num_heads;
 };
+
+// Two values of T packed in a word (MmaOp<T>::pack's layout) as floats.
+template <typename T>
+__device__ __forceinline__ float2 Unpack(uint32_t w);
+template <>
+__device__ __forceinline__ float2 Unpack<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+template <>
+__device__ __forceinline__ float2 Unpack<__nv_bfloat16>(uint32_t w) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+}
 
 template <typename T>
 __device__ __forceinline__ T FromFloat(float x);
@@ -706,24 +779,24 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
   float mx = -INFINITY, sum = 0.f;
-  // A batch of 32 entries is read in rounds of 2 lane-group passes (8 entries, 8 independent
-  // 16-byte loads per lane in flight); the first round goes out before the batch's lse, so the
-  // two round trips overlap.
+  // A batch of 32 entries is read in rounds of 2 lane-group passes (8 entries, 4 independent
+  // 16-byte loads per lane in flight at D = 128: the partial o are in T); the first round goes
+  // out before the batch's lse, so the two round trips overlap.
   constexpr int kPasses = 32 / kGroups;
   static_assert(kPasses % kRound == 0, "rounds of passes");
-  float4 v[kRound][kPer / 4];
+  constexpr int kVec = kPer / 8;  // 16-byte loads (8 values of T) per lane and entry
+  uint4 v[kRound][kVec];
   auto load_round = [&](int my_entry, int n, int first_pass) {
 #pragma unroll
     for (int r = 0; r < kRound; ++r) {
       const int i = (first_pass + r) * kGroups + group;  // this lane group's entry (zeros past n)
       // Every lane shuffles (a shuffle must not diverge), then lanes past the batch load nothing.
       const int entry = __shfl_sync(0xffffffffu, my_entry, i & 31);
-      const float4* src = reinterpret_cast<const float4*>(
-          p.part_o + (static_cast<int64_t>(entry) * p.num_heads + head) * D + sub * kPer);
+      const uint4* src = reinterpret_cast<const uint4*>(
+          static_cast<const T*>(p.part_o) + (static_cast<int64_t>(entry) * p.num_heads + head) * D +
+          sub * kPer);
 #pragma unroll
-      for (int j = 0; j < kPer / 4; ++j) {
-        v[r][j] = i < n ? __ldg(src + j) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+      for (int j = 0; j < kVec; ++j) v[r][j] = i < n ? __ldg(src + j) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
   auto add_round = [&](float my_w, int first_pass) {
@@ -732,11 +805,14 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
       const int i = (first_pass + r) * kGroups + group;
       const float w = __shfl_sync(0xffffffffu, my_w, i & 31);  // 0 past the batch
 #pragma unroll
-      for (int j = 0; j < kPer / 4; ++j) {
-        acc[4 * j] += w * v[r][j].x;
-        acc[4 * j + 1] += w * v[r][j].y;
-        acc[4 * j + 2] += w * v[r][j].z;
-        acc[4 * j + 3] += w * v[r][j].w;
+      for (int j = 0; j < kVec; ++j) {
+        const uint32_t words[4] = {v[r][j].x, v[r][j].y, v[r][j].z, v[r][j].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float2 f = Unpack<T>(words[k]);
+          acc[8 * j + 2 * k] += w * f.x;
+          acc[8 * j + 2 * k + 1] += w * f.y;
+        }
       }
     }
   };
@@ -812,13 +888,13 @@ cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
   cp.q = a.q;
   cp.k = a.k;
   cp.v = a.v;
-  cp.kv_slot_stride = a.kv_slot_stride;
+  cp.kv_slot_bytes = static_cast<uint32_t>(a.kv_slot_stride * static_cast<int64_t>(sizeof(T)));
   cp.num_heads = a.num_heads;
   cp.num_kv_heads = a.num_kv_heads;
   cp.group = a.num_heads / a.num_kv_heads;
   cp.scale_log2 = kLog2e / sqrtf(static_cast<float>(D));
   cp.plan = a.plan;
-  cp.part_o = static_cast<float*>(a.workspace);
+  cp.part_o = a.workspace;
   cp.part_lse = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + o_bytes);
   cp.skip_masked = a.skip_masked_blocks;
   if (a.plan.num_work > 0 && a.phases != TreeAttentionPhases::kMergeOnly) {
@@ -867,8 +943,9 @@ cudaError_t RunTreeAttention(const TreeAttentionArgs& a, cudaStream_t stream) {
   if (a.q == nullptr || a.out == nullptr || a.k == nullptr || a.v == nullptr) {
     return cudaErrorInvalidValue;
   }
+  // The chunk kernel multiplies slot ids by the slot's bytes in 32 bits.
   if (a.kv_slot_stride < static_cast<int64_t>(a.num_kv_heads) * a.head_dim ||
-      a.kv_slot_stride > INT32_MAX) {
+      a.kv_slot_stride * 2 > UINT32_MAX) {
     return cudaErrorInvalidValue;
   }
   if (a.plan.num_entries > 0 &&

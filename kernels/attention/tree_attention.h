@@ -72,8 +72,8 @@ struct TreeAttentionArgs {
   void* out = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
-  int64_t kv_slot_stride = 0;  // elements between consecutive slots, < 2^31 (num_kv_heads * head_dim
-                               // for a [slot][head][dim] layout)
+  int64_t kv_slot_stride = 0;  // elements between consecutive slots, 2 x this < 2^32 bytes
+                               // (num_kv_heads * head_dim for a [slot][head][dim] layout)
   TreeAttentionPlanView plan;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
