@@ -44,7 +44,9 @@ double EstimateGpuAttentionSeconds(const PartitionPlan& plan, const GpuAttention
       makespan = std::max(makespan, done);
     }
   }
-  const double partial_bytes = 2.0 * plan.num_entries() * m.num_heads * (m.head_dim + 1) * 4.0;
+  // Partial o in the KV dtype and lse in fp32, written by the chunk kernel and read by the merge.
+  const double partial_bytes =
+      2.0 * plan.num_entries() * m.num_heads * (m.head_dim * m.elem_bytes + 4.0);
   return makespan + partial_bytes / m.bandwidth + m.merge_overhead_s;
 }
 

@@ -2,9 +2,9 @@
 //
 // Why: on the GPU a chunk is a CTA's stream of K/V. Small chunks give parallelism (a 8000-token
 // chain with one query needs ~2 CTAs per SM, so ~250-token chunks), but every chunk leaves one
-// partial state (o, lse in fp32) per query and head it serves, written and read back by the
-// merge: a 4000-token prompt shared by 257 queries cut into 128-token chunks would move 150 MB of
-// partials to save nothing (its K/V is 16 MB). So the best size depends on the tree: the model
+// partial state (o in the KV dtype, lse in fp32) per query and head it serves, written and read
+// back by the merge: a 4000-token prompt shared by 257 queries cut into 128-token chunks would
+// move 75 MB of partials to save nothing (its K/V is 16 MB). So the best size depends on the tree: the model
 // below weighs both and picks, among candidate sizes, the one with the least estimated time.
 //
 // Model (per layer; constants are measured H100 numbers, overridable):
