@@ -55,8 +55,8 @@ absl::StatusOr<PlannerOptions> ChooseGpuPlannerOptions(AttentionMode mode,
                                                        std::span<const PlanQuery> queries,
                                                        const GpuAttentionCostModel& model,
                                                        PartitionPlan* plan) {
-  static constexpr int32_t kSizes[] = {64,  96,   128,  192,  256,  384,  512,
-                                       768, 1024, 1536, 2048, 3072, 4096, 8192};
+  static constexpr int32_t kSizes[] = {64,  96,  128, 192,  256,  384,  512,  640,
+                                       768, 896, 1024, 1536, 2048, 3072, 4096, 8192};
   PlannerOptions best;
   double best_time = -1;
   PartitionPlan trial;

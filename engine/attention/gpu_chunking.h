@@ -15,10 +15,11 @@
 //           item taking the first free slot, + (partial bytes written and read back) / bw
 //           + merge_overhead
 // where rows16 is the rows rounded up to 16. The constants are a calibration, not the kernel's
-// shape (it runs 3 CTAs per SM and 64-row wgmma tiles): on the H100 sweep of bench/RESULTS.md
-// (5 trees x 7 chunk sizes) they pick the best size or one within 0.4 us on 4 of 5 trees (the
-// fifth, few-shot 50x400, 49.7 against 47.4 us), where the kernel's own shape (3 CTAs per SM,
-// 64-row tiles) picked smaller chunks that lost 0.5-1.5 us to the merge on 5 of 9 rows.
+// shape (it runs 3 CTAs per SM and 64-row wgmma tiles): on the H100 sweeps of bench/RESULTS.md
+// (9 trees x 7-13 chunk sizes, kernels of 4dabfbf) they pick the best size or one within 0.3 us
+// on 7 of 9 trees (few-shot 50x400: 48.3 at 384 against 45.4 us at 896; 50x200: 36.0 at 896
+// against 33.7 at 640), where the kernel's own shape (3 CTAs per SM, 64-row tiles) picked
+// smaller chunks that lost 0.5-1.5 us to the merge on 5 of 9 rows (at 9f202b1).
 // Thread safety: stateless functions.
 #pragma once
 
@@ -54,8 +55,8 @@ absl::StatusOr<PlannerOptions> ChooseGpuPlannerOptions(AttentionMode mode,
 // ChooseGpuPlannerOptions amortized over a decode: it chooses again only when the step's shape
 // moved (another mode or number of queries, or KV tokens changed by more than 1/8 since the last
 // choice) and otherwise plans with the options it chose last. A decode grows every tree by one
-// token per branch per step, so the choice (14 trial plans, 1-7 ms of host time on the
-// workloads) is made about once per 12% of growth, not every step. Not thread-safe.
+// token per branch per step, so the choice (16 trial plans; 14 took 1-7 ms of host time on
+// the workloads) is made about once per 12% of growth, not every step. Not thread-safe.
 class GpuChunkChooser {
  public:
   explicit GpuChunkChooser(const GpuAttentionCostModel& model) : model_(model) {}

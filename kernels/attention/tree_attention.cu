@@ -741,14 +741,6 @@ __device__ __forceinline__ float2 Unpack<__nv_bfloat16>(uint32_t w) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
 }
 
-template <typename T>
-__device__ __forceinline__ T FromFloat(float x);
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // One warp per (query, head). Entries are taken 32 at a time: each lane holds one entry's id and
 // loads its lse; the warp reads kLanesPerEntry-lane slices of the entries' o vectors, 4 entries
@@ -756,9 +748,9 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
 // weights are rescaled online to the running max, and the 4 lane groups' sums are combined by
 // shuffles at the end. Fixed entry order and shuffle tree: deterministic.
 // kRound: lane-group passes per round of loads (4 * kRound entries' o slices in flight). 2 keeps
-// the kernel at 80 registers for grids of many (query, head) warps; 8 reads a batch of 32
-// entries in one round trip (179 registers) for queries with many entries and a grid of one
-// wave.
+// the kernel at 72 registers (D = 128) for grids of many (query, head) warps; 4 (88 registers)
+// reads 16 entries per round trip; 8 reads a batch of 32 entries in one round trip (121
+// registers) for queries with many entries and a grid of one wave.
 template <typename T, int D, int kRound>
 __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_constant__ MergeParams p) {
   constexpr int kGroups = 4;                  // entries read side by side
@@ -848,16 +840,35 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
     acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], kLanesPerEntry);
     acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], 2 * kLanesPerEntry);
   }
-  if (group != 0) return;
+  // Every lane group holds the sums now: group g stores the g-th quarter of its lanes' dims, one
+  // 8-byte (D = 128) or 4-byte store per lane.
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  T* dst = static_cast<T*>(p.out) + gw * D + sub * kPer;
+  constexpr int kQ = kPer / kGroups;  // values per lane to store: 4 or 2
+  float mine[kQ];
 #pragma unroll
-  for (int j = 0; j < kPer; ++j) dst[j] = FromFloat<T>(acc[j] * inv);
+  for (int k = 0; k < kQ; ++k) {
+    mine[k] = acc[k];
+#pragma unroll
+    for (int g = 1; g < kGroups; ++g) mine[k] = group == g ? acc[g * kQ + k] : mine[k];
+  }
+  uint32_t words[kQ / 2];
+#pragma unroll
+  for (int k = 0; k < kQ / 2; ++k) {
+    words[k] = MmaOp<T>::pack(mine[2 * k] * inv, mine[2 * k + 1] * inv);
+  }
+  T* dst = static_cast<T*>(p.out) + gw * D + sub * kPer + group * kQ;
+  if constexpr (kQ == 4) {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(words[0], words[1]);
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = words[0];
+  }
 }
 
 // (query, head) warps up to which the merge reads 32 entries per round (see the merge kernel):
-// one wave at its 179 registers, 2 CTAs of 4 warps per SM (measured on the H100: a chain's
-// merge 7.8 -> 6.8 us; 1600 warps, two waves, 8.7 -> 11.0 us).
+// 2 CTAs of 4 warps per SM (measured on the H100 with fp32 partials, 179 registers: a chain's
+// merge 7.8 -> 6.8 us; 1600 warps, two waves, 8.7 -> 11.0 us). With partials in T it needs 121
+// registers, but allowing 4 CTAs per SM (2112 warps) made few-shot 50x400 (1600 warps) slower:
+// 48.7 against 48.3 us.
 int64_t WideMergeMaxWarps() {
   static const int64_t warps = [] {
     int device = 0, sms = 0;
@@ -918,9 +929,15 @@ cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
     config.attrs = attribute;
     config.numAttrs = a.phases == TreeAttentionPhases::kBoth && a.plan.num_work > 0 ? 1 : 0;
     // Queries with more than 8 entries need several rounds of loads at kRound = 2, each an L2
-    // round trip; all in one round costs occupancy, which matters only for large grids.
-    if (a.plan.max_query_entries > 8 && warps <= WideMergeMaxWarps()) {
-      return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D, 8>, mp);
+    // round trip; all in one round costs occupancy, which matters only for large grids: up to
+    // 8 entries kRound 2, else 32 in one round (kRound 8) for a grid of one wave at its
+    // registers, else 16 (kRound 4). Measured on the H100 (bench/RESULTS.md): kRound 4 for
+    // 256 siblings' 6 entries and 8224 warps took 12.5 us against 10.6 at kRound 2.
+    if (a.plan.max_query_entries > 8) {
+      if (warps <= WideMergeMaxWarps()) {
+        return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D, 8>, mp);
+      }
+      return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D, 4>, mp);
     }
     return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D, 2>, mp);
   }
