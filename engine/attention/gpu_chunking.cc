@@ -15,8 +15,8 @@ double EstimateGpuAttentionSeconds(const PartitionPlan& plan, const GpuAttention
   const int32_t group = m.num_heads / m.num_kv_heads;
   const int32_t slots = m.sms * m.ctas_per_sm;
   const double bytes_per_token = 2.0 * m.head_dim * m.elem_bytes;  // K and V of one head
-  const double per_cta_bw = m.bandwidth / slots;
-  const double per_cta_flops = m.mma_flops / slots;
+  const double per_cta_bw = m.bandwidth / (m.sms * m.cta_share);
+  const double per_cta_flops = m.mma_flops / (m.sms * m.cta_share);
   // Item times in grid order (work items fastest, then KV heads: the same list per head).
   std::vector<double> items;
   for (int32_t c = 0; c < plan.num_chunks(); ++c) {
@@ -47,7 +47,22 @@ double EstimateGpuAttentionSeconds(const PartitionPlan& plan, const GpuAttention
   // Partial o in the KV dtype and lse in fp32, written by the chunk kernel and read by the merge.
   const double partial_bytes =
       2.0 * plan.num_entries() * m.num_heads * (m.head_dim * m.elem_bytes + 4.0);
-  return makespan + partial_bytes / m.bandwidth + m.merge_overhead_s;
+  // The bandwidth floor counts each distinct KV token once: a token several chunks read (the
+  // seq and tree modes read a shared prompt once per query or per split) comes from L2 after
+  // its first read.
+  int32_t max_slot = -1;
+  for (const int32_t s : plan.kv_slots) max_slot = std::max(max_slot, s);
+  std::vector<uint8_t> seen(static_cast<size_t>(max_slot + 1), 0);
+  int64_t unique_tokens = 0;
+  for (const int32_t s : plan.kv_slots) {
+    if (s >= 0 && !seen[static_cast<size_t>(s)]) {
+      seen[static_cast<size_t>(s)] = 1;
+      ++unique_tokens;
+    }
+  }
+  const double kv_bytes = static_cast<double>(unique_tokens) * m.num_kv_heads * bytes_per_token;
+  return std::max(makespan, kv_bytes / m.bandwidth) + partial_bytes / m.bandwidth +
+         m.merge_overhead_s;
 }
 
 absl::StatusOr<PlannerOptions> ChooseGpuPlannerOptions(AttentionMode mode,

@@ -9,17 +9,21 @@
 //
 // Model (per layer; constants are measured H100 numbers, overridable):
 //  item   = up to 64 rows (entry x query head of a GQA group) of one chunk, for one KV head;
-//  t_item = max(len x head_dim x 2 x elem_bytes / (bw / slots),
-//               4 x rows16 x len x head_dim / (mma_flops / slots)) + item_overhead
-//  t      = makespan of the items (in grid order) on slots = sms x ctas_per_sm CTA slots, each
-//           item taking the first free slot, + (partial bytes written and read back) / bw
-//           + merge_overhead
-// where rows16 is the rows rounded up to 16. The constants are a calibration, not the kernel's
-// shape (it runs 3 CTAs per SM and 64-row wgmma tiles): on the H100 sweeps of bench/RESULTS.md
-// (9 trees x 7-13 chunk sizes, kernels of 4dabfbf) they pick the best size or one within 0.3 us
-// on 7 of 9 trees (few-shot 50x400: 48.3 at 384 against 45.4 us at 896; 50x200: 36.0 at 896
-// against 33.7 at 640), where the kernel's own shape (3 CTAs per SM, 64-row tiles) picked
-// smaller chunks that lost 0.5-1.5 us to the merge on 5 of 9 rows (at 9f202b1).
+//  t_item = max(len x head_dim x 2 x elem_bytes / (bw / (sms x cta_share)),
+//               4 x rows16 x len x head_dim / (mma_flops / (sms x cta_share))) + item_overhead
+//  t      = max(makespan of the items (in grid order) on slots = sms x ctas_per_sm CTA slots,
+//               each item taking the first free slot; distinct KV bytes / bw)
+//           + (partial bytes written and read back) / bw + merge_overhead
+// where rows16 is the rows rounded up to 16. A CTA runs at 1 / cta_share of an SM's share of
+// the machine whether it has the SM alone or not: the chunk kernel is latency-bound, so the
+// third CTA an SM holds adds throughput instead of slowing the other two, and only the
+// bandwidth caps the sum. The constants are a calibration: on the H100 sweeps of
+// bench/RESULTS.md (9 trees x 7-13 chunk sizes, kernels of 4dabfbf) they pick the best size or
+// one within 0.7 us on every tree (0.7 on APPS, 0.5 on few-shot 50x1, 0.3 on 16x400), where
+// 2 slots per SM at a full share each (the previous constants) lost 2.8 us on few-shot 50x400
+// and 2.3 on 50x200, and 3 slots at a full share chose smaller chunks that lost to the merge
+// (6.3 us over the 9 trees). Measured with the new choices (flatten, fp16): 50x400 48.2 ->
+// 45.0 us, 50x200 35.1 -> 33.1, APPS 23.2 -> 23.7, 50x1 22.8 -> 23.4, the rest within 0.2.
 // Thread safety: stateless functions.
 #pragma once
 
@@ -33,9 +37,10 @@ namespace deft {
 
 struct GpuAttentionCostModel {
   int32_t num_heads = 32, num_kv_heads = 8, head_dim = 128, elem_bytes = 2;
-  int32_t sms = 132, ctas_per_sm = 2;
+  int32_t sms = 132, ctas_per_sm = 3;  // the chunk kernel's CTAs per SM
+  double cta_share = 1.5;  // a CTA progresses at bandwidth and mma_flops / (sms x cta_share)
   double bandwidth = 3.0e12;  // bytes/s
-  double mma_flops = 4.0e14;  // achieved by mma.sync m16n8k16 in the chunk kernel
+  double mma_flops = 4.0e14;  // calibration (wgmma peak is ~2x)
   double item_overhead_s = 0.4e-6;
   double merge_overhead_s = 2.0e-6;
 };
