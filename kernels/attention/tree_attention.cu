@@ -504,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   const int num_sub = (chunk_len + kSubTokens - 1) / kSubTokens;
   const int32_t* ids = reinterpret_cast<const int32_t*>(smem + K::kIdOffset);
   const uint32_t ids_s = SmemAddr(smem + K::kIdOffset);
-  SubTileSlots<T, D> first[kStages];  // ids of sub-tiles 0 .. kStages - 1 (-1 past the chunk)
+  SubTileSlots<T, D> first[kStages];  // ids of sub-tiles 0 .. kStages - 1 (0 past the chunk)
 #pragma unroll
   for (int st = 0; st < kStages; ++st) {
     // The wgmma loop takes sub-tile kStages - 1's ids from the ring; the mma.sync loop from here.

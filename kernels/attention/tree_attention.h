@@ -8,8 +8,8 @@
 //     KV head and all queries that share a chunk are the M dimension of one tensor-core tile, so
 //     the chunk's K/V streams through shared memory once for them (a chunk with more than 64
 //     rows has several work items side by side in the grid, which read its K/V from L2 after the
-//     first). Per entry it writes a partial state (o normalized, fp32; lse in
-//     natural log) to the workspace. Masks (token trees, chunk boundaries inside a segment) come
+//     first). Per entry it writes a partial state (o normalized, in T; lse in natural log,
+//     fp32) to the workspace. Masks (token trees, chunk boundaries inside a segment) come
 //     from the plan's per-entry bitmasks.
 //  2. merge kernel, one warp per (query, head): merges the query's entries in the plan's order
 //     (deterministic; no atomics) into out, in the activation dtype.
