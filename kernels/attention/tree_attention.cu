@@ -115,6 +115,16 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
   const int bytes = valid ? 16 : 0;  // 0: zero-fill (past the chunk's end)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
+// A global load the compiler issues in program order with the other volatile loads: the
+// prologue's loads of one round then go out before the wait for an earlier round's results
+// (left to itself the compiler issued the plan rows after the copies, which wait for the slot
+// ids: one more round trip before Q).
+__device__ __forceinline__ int LoadOrdered(const int32_t* p) {
+  int v;
+  asm volatile("ld.volatile.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
@@ -224,7 +234,7 @@ __device__ __forceinline__ void LoadSlots(const ChunkParams& p, int chunk_first,
 #pragma unroll
   for (int j = 0; j < S::kPer; ++j) {
     const int t = t0 + j * S::kTokStep;
-    s.id[j] = t < chunk_len ? __ldg(ids + t) : 0;
+    s.id[j] = t < chunk_len ? LoadOrdered(ids + t) : 0;
   }
 }
 
@@ -522,9 +532,9 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     const int entry = entry0 + (valid[r] ? chunk_row / p.group : 0);
     head[r] = kv_head * p.group + (valid[r] ? chunk_row % p.group : 0);
     at[r] = entry * p.num_heads + head[r];
-    query[r] = valid[r] ? __ldg(p.plan.entry_query + entry) : 0;
-    mb[r] = valid[r] ? __ldg(p.plan.entry_mask_begin + entry) : 0;
-    me[r] = valid[r] ? __ldg(p.plan.entry_mask_begin + entry + 1) : 0;
+    query[r] = valid[r] ? LoadOrdered(p.plan.entry_query + entry) : 0;
+    mb[r] = valid[r] ? LoadOrdered(p.plan.entry_mask_begin + entry) : 0;
+    me[r] = valid[r] ? LoadOrdered(p.plan.entry_mask_begin + entry + 1) : 0;
   }
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
