@@ -495,7 +495,10 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   uint8_t* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
   const int item = blockIdx.x, kv_head = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // Round 1 of the prologue: the work item and its prologue data (work_pre), both addressed by
+  // the item alone.
   const int4 w = __ldg(reinterpret_cast<const int4*>(p.plan.work) + item);
+  const int32_t* pre = p.plan.work_pre + static_cast<int64_t>(item) * kTreeAttentionWorkPreInts;
   const int chunk_first = w.x, chunk_len = w.y, entry0 = w.z;
   const int row0 = w.w & 0xffffff, rows = static_cast<int>(static_cast<uint32_t>(w.w) >> 24);
   const int groups = (rows + 15) / 16;
@@ -507,34 +510,49 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   const int rg = warp / splits, split = warp % splits;
   const bool active = rg < groups;
 
-  // The prologue goes out in three rounds of global loads, each round's loads independent of
-  // each other: (1) the work item; (2) the slot ids of the first sub-tiles and the plan rows of
-  // this thread's two entries; (3) the K/V copies of the first kStages - 1 sub-tiles (the later
-  // ids into the shared-memory id ring) and Q.
+  // The prologue goes out in two rounds of global loads (three on the mma.sync path, whose row
+  // groups depend on the work item), each round's loads independent of each other and issued
+  // in order (LoadOrdered) before the next round waits: (1) the work item, the slot ids of
+  // sub-tile 0 and this thread's two rows' query and mask offset, all from the item's
+  // work_pre; (2) the K/V copies of the first kStages - 1 sub-tiles (the later ids into the
+  // shared-memory id ring), Q, and the first sub-tile's mask words.
+  static_assert(kSubTokens <= kTreeAttentionTileRows, "work_pre holds sub-tile 0's slot ids");
   const int num_sub = (chunk_len + kSubTokens - 1) / kSubTokens;
   const int32_t* ids = reinterpret_cast<const int32_t*>(smem + K::kIdOffset);
   const uint32_t ids_s = SmemAddr(smem + K::kIdOffset);
-  SubTileSlots<T, D> first[kStages];  // ids of sub-tiles 0 .. kStages - 1 (0 past the chunk)
-#pragma unroll
-  for (int st = 0; st < kStages; ++st) {
-    // The wgmma loop takes sub-tile kStages - 1's ids from the ring; the mma.sync loop from here.
-    if (st < kStages - 1 || !wg) LoadSlots<T, D>(p, chunk_first, chunk_len, st, first[st]);
-  }
-  // This thread's two rows: a = lane/4, b = lane/4 + 8 of row group rg.
-  int query[2], mb[2], me[2], head[2];
+  // This thread's two rows: a = lane/4, b = lane/4 + 8 of row group rg (work_pre is zero past
+  // the tile's rows, so the loads need not wait for the work item). Before the slot ids: the
+  // compiler keeps ordered loads in order but moves them past the copies, which wait for the
+  // ids.
+  int query[2], head[2];
   int32_t at[2];  // (entry, head) row of the partial states (RunTreeAttention: < 2^31)
+  int32_t mask_at[2];
   bool valid[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int tile_row = rg * 16 + (lane >> 2) + 8 * r;
-    valid[r] = active && tile_row < rows;
+    const int tile_row = (rg * 16 + (lane >> 2) + 8 * r) & (kTreeAttentionTileRows - 1);
+    const int q = LoadOrdered(pre + kTreeAttentionTileRows + tile_row);
+    const int mask = LoadOrdered(pre + 2 * kTreeAttentionTileRows + tile_row);
+    valid[r] = active && rg * 16 + (lane >> 2) + 8 * r < rows;
     const int chunk_row = row0 + tile_row;
     const int entry = entry0 + (valid[r] ? chunk_row / p.group : 0);
     head[r] = kv_head * p.group + (valid[r] ? chunk_row % p.group : 0);
     at[r] = entry * p.num_heads + head[r];
-    query[r] = valid[r] ? LoadOrdered(p.plan.entry_query + entry) : 0;
-    mb[r] = valid[r] ? LoadOrdered(p.plan.entry_mask_begin + entry) : 0;
-    me[r] = valid[r] ? LoadOrdered(p.plan.entry_mask_begin + entry + 1) : 0;
+    query[r] = valid[r] ? q : 0;
+    mask_at[r] = valid[r] ? mask : -1;
+  }
+  SubTileSlots<T, D> first[kStages];  // ids of sub-tiles 0 .. kStages - 1 (0 past the chunk)
+  {
+    using S = SubTileSlots<T, D>;
+    const int t0 = static_cast<int>(threadIdx.x) / (D / 8);
+#pragma unroll
+    for (int j = 0; j < S::kPer; ++j) first[0].id[j] = LoadOrdered(pre + t0 + j * S::kTokStep);
+    first[0].here = chunk_len - t0;
+  }
+#pragma unroll
+  for (int st = 1; st < kStages; ++st) {
+    // The wgmma loop takes sub-tile kStages - 1's ids from the ring; the mma.sync loop from here.
+    if (st < kStages - 1 || !wg) LoadSlots<T, D>(p, chunk_first, chunk_len, st, first[st]);
   }
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
@@ -550,13 +568,11 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   // The mma.sync loop's slot ids of the next sub-tile to copy (kStages - 1).
   SubTileSlots<T, D> slots = first[kStages - 1];
 
-  int32_t mask_at[2];
   uint32_t qf[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0u;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    mask_at[r] = valid[r] && mb[r] != me[r] ? mb[r] : -1;
     if (!valid[r]) continue;
     const T* qrow = static_cast<const T*>(p.q) +
                     (static_cast<int64_t>(query[r]) * p.num_heads + head[r]) * D;

@@ -38,6 +38,7 @@ namespace deft::kernels {
 enum class KvDtype { kFloat16, kBFloat16 };
 
 inline constexpr int kTreeAttentionTileRows = 64;  // rows of one work item
+inline constexpr int kTreeAttentionWorkPreInts = 3 * kTreeAttentionTileRows;
 
 struct TreeAttentionPlanView {  // device pointers to the plan's arrays
   const int32_t* kv_slots = nullptr;          // [num_kv]
@@ -52,6 +53,11 @@ struct TreeAttentionPlanView {  // device pointers to the plan's arrays
   // aligned: {first kv index of the chunk, chunk tokens, chunk's first entry,
   //           first row | tile rows << 24}. Packed so a CTA's set-up is one load.
   const int32_t* work = nullptr;  // [num_work * 4]
+  // Per work item, kTreeAttentionWorkPreInts int32 (zeros past the chunk / the tile), so that a
+  // CTA's first round of loads needs only its index: the slot ids of the chunk's first
+  // kTreeAttentionTileRows tokens, then each tile row's query, then each row's first mask word
+  // (entry_mask_begin of its entry) or -1 where the entry has no masks.
+  const int32_t* work_pre = nullptr;  // [num_work * kTreeAttentionWorkPreInts]
   int32_t num_chunks = 0;
   int32_t num_queries = 0;
   int32_t num_entries = 0;

@@ -5,16 +5,31 @@
 
 namespace deft::kernels {
 
-void BuildTreeAttentionWork(std::span<const int32_t> chunk_begin,
-                            std::span<const int32_t> entry_begin, int32_t group,
-                            std::vector<int32_t>* work) {
+void BuildTreeAttentionWork(const TreeAttentionPlanArrays& plan, int32_t group,
+                            std::vector<int32_t>* work, std::vector<int32_t>* pre) {
   work->clear();
-  for (size_t c = 0; c + 1 < entry_begin.size(); ++c) {
-    const int64_t rows = static_cast<int64_t>(entry_begin[c + 1] - entry_begin[c]) * group;
-    for (int64_t r = 0; r < rows; r += kTreeAttentionTileRows) {
-      const int64_t tile = std::min<int64_t>(kTreeAttentionTileRows, rows - r);
-      work->insert(work->end(), {chunk_begin[c], chunk_begin[c + 1] - chunk_begin[c],
-                                 entry_begin[c], static_cast<int32_t>(r | (tile << 24))});
+  pre->clear();
+  constexpr int kTile = kTreeAttentionTileRows;
+  for (size_t c = 0; c + 1 < plan.entry_begin.size(); ++c) {
+    const int32_t first = plan.chunk_begin[c], len = plan.chunk_begin[c + 1] - first;
+    const int32_t entry0 = plan.entry_begin[c];
+    const int64_t rows = static_cast<int64_t>(plan.entry_begin[c + 1] - entry0) * group;
+    for (int64_t r = 0; r < rows; r += kTile) {
+      const int64_t tile = std::min<int64_t>(kTile, rows - r);
+      work->insert(work->end(), {first, len, entry0, static_cast<int32_t>(r | (tile << 24))});
+      const size_t at = pre->size();
+      pre->resize(at + kTreeAttentionWorkPreInts, 0);
+      int32_t* ids = pre->data() + at;
+      for (int32_t t = 0; t < std::min(len, kTile); ++t) ids[t] = plan.kv_slots[first + t];
+      int32_t* query = ids + kTile;
+      int32_t* mask_at = query + kTile;
+      for (int64_t i = 0; i < tile; ++i) {
+        const int32_t e = entry0 + static_cast<int32_t>((r + i) / group);
+        query[i] = plan.entry_query[e];
+        mask_at[i] = plan.entry_mask_begin[e] != plan.entry_mask_begin[e + 1]
+                         ? plan.entry_mask_begin[e]
+                         : -1;
+      }
     }
   }
 }
@@ -63,7 +78,7 @@ cudaError_t DeviceTreeAttentionPlan::Upload(const TreeAttentionPlanArrays& p, in
       return cudaErrorInvalidValue;  // a chunk's rows must fit the work item's 24 bits
     }
   }
-  BuildTreeAttentionWork(p.chunk_begin, p.entry_begin, group, &work_);
+  BuildTreeAttentionWork(p, group, &work_, &pre_);
   // Regions in order: work items, masks, the int32 arrays; each 16-byte aligned with headroom.
   const std::span<const int32_t> arrays[] = {p.kv_slots,       p.chunk_begin,       p.entry_begin,
                                              p.entry_query,    p.entry_mask_begin,  p.query_entry_begin,
@@ -72,7 +87,7 @@ cudaError_t DeviceTreeAttentionPlan::Upload(const TreeAttentionPlanArrays& p, in
                                   arrays[0].size_bytes(), arrays[1].size_bytes(),
                                   arrays[2].size_bytes(), arrays[3].size_bytes(),
                                   arrays[4].size_bytes(), arrays[5].size_bytes(),
-                                  arrays[6].size_bytes()};
+                                  arrays[6].size_bytes(), pre_.size() * sizeof(int32_t)};
   bool outgrown = device_ == nullptr;
   for (int i = 0; i < kRegions; ++i) outgrown = outgrown || sizes[i] > region_capacity_[i];
   size_t total = 0;
@@ -96,7 +111,7 @@ cudaError_t DeviceTreeAttentionPlan::Upload(const TreeAttentionPlanArrays& p, in
   char* d = static_cast<char*>(device_);
   const void* data[kRegions] = {work_.data(), p.masks.data(), arrays[0].data(), arrays[1].data(),
                                 arrays[2].data(), arrays[3].data(), arrays[4].data(),
-                                arrays[5].data(), arrays[6].data()};
+                                arrays[5].data(), arrays[6].data(), pre_.data()};
   const char* dev[kRegions];
   size_t off = 0, end = 0;
   for (int i = 0; i < kRegions; ++i) {
@@ -114,6 +129,7 @@ cudaError_t DeviceTreeAttentionPlan::Upload(const TreeAttentionPlanArrays& p, in
   view_.entry_mask_begin = reinterpret_cast<const int32_t*>(dev[6]);
   view_.query_entry_begin = reinterpret_cast<const int32_t*>(dev[7]);
   view_.query_entries = reinterpret_cast<const int32_t*>(dev[8]);
+  view_.work_pre = reinterpret_cast<const int32_t*>(dev[9]);
   view_.num_chunks = static_cast<int32_t>(chunks);
   view_.num_queries = static_cast<int32_t>(queries);
   view_.num_entries = static_cast<int32_t>(entries);

@@ -4,6 +4,9 @@
 // rows = entries x group; items of one chunk are adjacent (they run side by side and share the
 // chunk's K/V through L2).
 //
+// Each work item also gets its prologue data (work_pre: the chunk's first 64 slot ids, its rows'
+// queries and mask offsets), so a CTA's first round of loads depends on its index alone.
+//
 // DeviceTreeAttentionPlan packs the plan's arrays and the work items into one pinned host
 // buffer and uploads it with a single cudaMemcpyAsync; view() then points into device memory.
 // Each array has its own region with headroom (1.5x the size that last outgrew it), so as a
@@ -33,11 +36,12 @@ struct TreeAttentionPlanArrays {
   std::span<const int32_t> query_entry_begin, query_entries;
 };
 
-// The work items of a plan (TreeAttentionPlanView::work), 4 int32 per item, into *work.
-// REQUIRES: chunk_begin and entry_begin have the same size; rows of a chunk < 2^24.
-void BuildTreeAttentionWork(std::span<const int32_t> chunk_begin,
-                            std::span<const int32_t> entry_begin, int32_t group,
-                            std::vector<int32_t>* work);
+// The work items of a plan (TreeAttentionPlanView::work), 4 int32 per item, into *work, and
+// their prologue data (TreeAttentionPlanView::work_pre) into *pre.
+// REQUIRES: the arrays consistent (DeviceTreeAttentionPlan::Upload checks); rows of a chunk
+// < 2^24.
+void BuildTreeAttentionWork(const TreeAttentionPlanArrays& plan, int32_t group,
+                            std::vector<int32_t>* work, std::vector<int32_t>* pre);
 
 class DeviceTreeAttentionPlan {
  public:
@@ -55,8 +59,8 @@ class DeviceTreeAttentionPlan {
 
  private:
   cudaError_t Reserve(size_t bytes);
-  static constexpr int kRegions = 9;  // work items, masks, the 7 int32 arrays
-  std::vector<int32_t> work_;
+  static constexpr int kRegions = 10;  // work items, masks, the 7 int32 arrays, work_pre
+  std::vector<int32_t> work_, pre_;
   size_t region_capacity_[kRegions] = {};  // bytes
   int64_t layouts_ = 0;
   void* host_ = nullptr;    // pinned staging
