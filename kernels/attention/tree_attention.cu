@@ -234,7 +234,7 @@ __device__ __forceinline__ void LoadSlots(const ChunkParams& p, int chunk_first,
 #pragma unroll
   for (int j = 0; j < S::kPer; ++j) {
     const int t = t0 + j * S::kTokStep;
-    s.id[j] = t < chunk_len ? LoadOrdered(ids + t) : 0;
+    s.id[j] = t < chunk_len ? __ldg(ids + t) : 0;
   }
 }
 
