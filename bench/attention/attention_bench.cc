@@ -18,6 +18,8 @@
 //   speculative:SIZE:PREFIX   APPS_tree_sizeSIZE.json under a prefix of PREFIX tokens
 //   chain:N / siblings:P:N    one N-token chain; N one-token siblings under a P-token prompt
 // Output: a markdown table on stdout; --json=PATH writes every row (all numbers) as JSON.
+// Profiling: in a build configured with -DDEFT_ATTN_TRACE=ON, --trace=DIR writes each row's
+// per-CTA timestamps of one flushed run (chunk and merge kernels) to DIR/row<N>_<dtype>_<mode>.csv.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -60,6 +62,9 @@ ABSL_FLAG(int32_t, chunk_tokens, 0,
           "force this chunk size (flatten/node: chunk tokens; seq/tree: split size) instead of "
           "the cost model's choice (0)");
 ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
+ABSL_FLAG(std::string, trace, "",
+          "profiling builds (-DDEFT_ATTN_TRACE=ON): write each row's per-CTA timestamps of one "
+          "flushed run to DIR/row<N>_<dtype>_<mode>.csv");
 ABSL_FLAG(std::string, workloads, "", "workloads directory (default $DEFT_WORKLOADS_DIR or build's)");
 
 namespace deft {
@@ -238,7 +243,55 @@ struct Context {
   bench::FlushMode flush_mode;
   double bandwidth, gemm_rate;
   int32_t heads, kv_heads, head_dim, reps;
+  std::string trace_prefix;  // DIR/row<N>_<dtype> or empty
 };
+
+// One flushed run with per-CTA timestamps (kernels::TreeAttentionArgs::trace) written as CSV:
+// times in ns from the stamp taken on the stream before the chunk kernel; the run's CUDA event
+// time in the header.
+void WriteTrace(const Context& ctx, const GpuTreeAttention& attention, const GpuAttentionLayer& layer,
+                const std::string& path) {
+  const kernels::TreeAttentionPlanView& v = attention.view();
+  const size_t words =
+      kernels::TreeAttentionTraceWords(v.num_work, ctx.kv_heads, v.num_queries, ctx.heads);
+  unsigned long long* dtrace = nullptr;
+  CHECK_CUDA(cudaMalloc(&dtrace, words * 8));
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  float ms = 0;
+  for (int i = 0; i < 5; ++i) {  // warm, then the last run is kept
+    CHECK_CUDA(cudaMemset(dtrace, 0, words * 8));
+    CHECK_CUDA(bench::FlushL2(ctx.flush, ctx.flush_bytes, ctx.flush_mode, i, nullptr));
+    CHECK_CUDA(cudaEventRecord(start));
+    if (!attention.Run(layer, nullptr, kernels::TreeAttentionPhases::kBoth, dtrace).ok()) std::exit(1);
+    CHECK_CUDA(cudaEventRecord(stop));
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+  }
+  std::vector<unsigned long long> t(words);
+  CHECK_CUDA(cudaMemcpy(t.data(), dtrace, words * 8, cudaMemcpyDeviceToHost));
+  cudaFree(dtrace);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::ofstream f(path);
+  const unsigned long long t0 = t[0];
+  const auto rel = [&](unsigned long long x) { return x == 0 ? -1LL : static_cast<long long>(x - t0); };
+  f << "# event_us " << ms * 1e3 << " chunk_ctas " << t[1] << " merge_ctas " << t[2] << "\n";
+  f << "kind,index,start,ready,loop,staged,end,smid,subtiles,rows\n";
+  const size_t chunk = t[1], merge = t[2];
+  for (size_t i = 0; i < chunk; ++i) {
+    const unsigned long long* r = &t[3 + 6 * i];
+    f << "chunk," << i << "," << rel(r[0]) << "," << rel(r[1]) << "," << rel(r[2]) << ","
+      << rel(r[3]) << "," << rel(r[4]) << "," << (r[5] & 0xffff) << "," << ((r[5] >> 16) & 0xffff)
+      << "," << (r[5] >> 32) << "\n";
+  }
+  for (size_t i = 0; i < merge; ++i) {
+    const unsigned long long* r = &t[3 + 6 * chunk + 4 * i];
+    f << "merge," << i << "," << rel(r[0]) << "," << rel(r[1]) << ",,," << rel(r[2]) << ","
+      << r[3] << ",,\n";
+  }
+}
 
 template <typename T>
 std::vector<ModeResult> RunRow(const Context& ctx, const WorkloadForest& forest,
@@ -355,6 +408,11 @@ std::vector<ModeResult> RunRow(const Context& ctx, const WorkloadForest& forest,
     r.rel_error = finite ? std::sqrt(err) / ref_norm : INFINITY;
     results.push_back(r);
   }
+  if (!ctx.trace_prefix.empty()) {
+    for (size_t mi = 0; mi < modes.size(); ++mi) {
+      WriteTrace(ctx, attention[mi], layer, ctx.trace_prefix + "_" + results[mi].mode + ".csv");
+    }
+  }
   // Two rounds over the modes (interleaved), reps runs each, L2 flushed before every run.
   for (int round = 0; round < 2; ++round) {
     for (size_t mi = 0; mi < modes.size(); ++mi) {
@@ -443,7 +501,12 @@ int Main(int argc, char** argv) {
               flush == "read" ? bench::FlushMode::kRead : bench::FlushMode::kMemset, 0, 0,
               absl::GetFlag(FLAGS_heads),
               absl::GetFlag(FLAGS_kv_heads), absl::GetFlag(FLAGS_head_dim),
-              absl::GetFlag(FLAGS_reps)};
+              absl::GetFlag(FLAGS_reps), {}};
+  const std::string trace_dir = absl::GetFlag(FLAGS_trace);
+  if (!trace_dir.empty() && !kernels::TreeAttentionTraceEnabled()) {
+    std::fprintf(stderr, "attention_bench: --trace needs a build with -DDEFT_ATTN_TRACE=ON\n");
+    return 2;
+  }
   CHECK_CUDA(cudaMalloc(&ctx.flush, ctx.flush_bytes));
   CHECK_CUDA(cudaMemset(ctx.flush, 0x5a, ctx.flush_bytes));
   ctx.bandwidth = MeasureBandwidth();
@@ -456,7 +519,9 @@ int Main(int argc, char** argv) {
       "\n| tree | dtype | queries | unique KV | IO floor | compute floor | seq | tree | node | "
       "flatten | flatten / floor | vs DeFT-Flatten | vs FastTree | flatten rel err |\n"
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  int row_index = 0;
   for (const std::string& spec : rows) {
+    ++row_index;
     WorkloadForest forest;
     if (!ParseRow(spec, dir, &forest)) return 2;
     // Floors: unique KV tokens, attended tokens per query.
@@ -469,6 +534,9 @@ int Main(int argc, char** argv) {
     }
     for (absl::string_view dt : absl::StrSplit(absl::GetFlag(FLAGS_dtypes), ',', absl::SkipEmpty())) {
       const bool bf16 = dt == "bf16";
+      if (!trace_dir.empty()) {
+        ctx.trace_prefix = absl::StrFormat("%s/row%d_%s", trace_dir, row_index, std::string(dt));
+      }
       const double io_floor_us =
           unique * 2.0 * ctx.kv_heads * ctx.head_dim * 2 / ctx.bandwidth * 1e6;
       const double compute_floor_us =

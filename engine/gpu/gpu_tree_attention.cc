@@ -62,7 +62,8 @@ absl::Status GpuTreeAttention::Upload(const PartitionPlan& plan, int32_t num_hea
 }
 
 absl::Status GpuTreeAttention::Run(const GpuAttentionLayer& layer, cudaStream_t stream,
-                                   kernels::TreeAttentionPhases phases) const {
+                                   kernels::TreeAttentionPhases phases,
+                                   unsigned long long* trace) const {
   if (layer.num_heads != num_heads_ || layer.head_dim != head_dim_ || layer.num_kv_heads <= 0 ||
       layer.num_heads / layer.num_kv_heads != view().group) {
     return absl::InvalidArgumentError("attention layer shape differs from the uploaded plan's");
@@ -82,6 +83,7 @@ absl::Status GpuTreeAttention::Run(const GpuAttentionLayer& layer, cudaStream_t 
   a.workspace_bytes = workspace_capacity_;
   a.skip_masked_blocks = skip_masked_;
   a.phases = phases;
+  a.trace = trace;
   if (cudaError_t err = kernels::RunTreeAttention(a, stream); err != cudaSuccess) {
     if (err == cudaErrorInvalidValue) {
       return absl::InvalidArgumentError("tree attention: unsupported shape or arguments");

@@ -39,9 +39,11 @@ class GpuTreeAttention {
   absl::Status Upload(const PartitionPlan& plan, int32_t num_heads, int32_t num_kv_heads,
                       int32_t head_dim, cudaStream_t stream);
   // Runs the uploaded plan on one layer. INVALID_ARGUMENT for a shape the kernels do not
-  // support or that differs from the upload's; INTERNAL for a CUDA error.
+  // support or that differs from the upload's; INTERNAL for a CUDA error. `trace`: see
+  // kernels::TreeAttentionArgs::trace (profiling builds).
   absl::Status Run(const GpuAttentionLayer& layer, cudaStream_t stream,
-                   kernels::TreeAttentionPhases phases = kernels::TreeAttentionPhases::kBoth) const;
+                   kernels::TreeAttentionPhases phases = kernels::TreeAttentionPhases::kBoth,
+                   unsigned long long* trace = nullptr) const;
 
   const kernels::TreeAttentionPlanView& view() const { return device_plan_.view(); }
   size_t plan_bytes() const { return device_plan_.uploaded_bytes(); }

@@ -74,7 +74,30 @@ struct ChunkParams {
   void* part_o;     // [num_entries, num_heads, head_dim] of T (normalized: o / l)
   float* part_lse;  // [num_entries, num_heads]
   bool skip_masked;
+  unsigned long long* trace;  // DEFT_ATTN_TRACE builds: this kernel's records (see the header)
 };
+
+#ifndef DEFT_ATTN_TRACE
+#define DEFT_ATTN_TRACE 0
+#endif
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#if DEFT_ATTN_TRACE
+__device__ __forceinline__ unsigned SmId() {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+#endif
+__global__ void TraceStampKernel(unsigned long long* trace, long long chunk_ctas,
+                                 long long merge_ctas) {
+  trace[0] = GlobalTimer();
+  trace[1] = chunk_ctas;
+  trace[2] = merge_ctas;
+}
 
 template <typename T>
 struct MmaOp;
@@ -495,6 +518,10 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   uint8_t* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
   const int item = blockIdx.x, kv_head = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#if DEFT_ATTN_TRACE
+  const unsigned long long trace_start = GlobalTimer();
+  unsigned long long trace_ready = 0, trace_loop = 0, trace_staged = 0;
+#endif
   // Round 1 of the prologue: the work item and its prologue data (work_pre), both addressed by
   // the item alone.
   const int4 w = __ldg(reinterpret_cast<const int4*>(p.plan.work) + item);
@@ -600,6 +627,9 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     VisibilityWords(p, sub * kSubTokens, chunk_len, valid, mask_at, word);
     // Sub-tile `sub` landed for all, the slot of sub - 1 is free, and whether any row sees it.
     const int seen = __syncthreads_or(!p.skip_masked || (word[0] | word[1]) != 0ull);
+#if DEFT_ATTN_TRACE
+    if (sub == 0) trace_ready = GlobalTimer();
+#endif
     const int next = sub + kStages - 1;
     // K/V of sub-tile `next` (its ids landed kIdAhead iterations ago), the ids of next +
     // kIdAhead into an id slot whose previous ids were read before an earlier barrier. Issued
@@ -653,6 +683,9 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   CpAsyncWait<0>();
   // Every copy landed and every warp left the loop: the ring is free for the partials' staging.
   __syncthreads();
+#if DEFT_ATTN_TRACE
+  trace_loop = GlobalTimer();
+#endif
   // Programmatic dependent launch: the merge grid may be scheduled once every CTA got here (it
   // still waits for this grid's completion and memory flush before reading the partials).
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -727,6 +760,9 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     }
   }
   __syncwarp();
+#if DEFT_ATTN_TRACE
+  trace_staged = GlobalTimer();
+#endif
   constexpr int kSegs = D * 2 / 16;  // 16-byte pieces per row
   static_assert(8 % (32 / kSegs) == 0, "a pass's rows are all a rows or all b rows");
 #pragma unroll
@@ -744,6 +780,19 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
                                 seg * 8) = piece;
     }
   }
+#if DEFT_ATTN_TRACE
+  if (threadIdx.x == 0 && p.trace != nullptr) {
+    unsigned long long* rec =
+        p.trace + 3 + 6 * (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
+    rec[0] = trace_start;
+    rec[1] = trace_ready;
+    rec[2] = trace_loop;
+    rec[3] = trace_staged;
+    rec[4] = GlobalTimer();
+    rec[5] = SmId() | (static_cast<unsigned long long>(num_sub) << 16) |
+             (static_cast<unsigned long long>(rows) << 32);
+  }
+#endif
 }
 
 struct MergeParams {
@@ -753,6 +802,7 @@ struct MergeParams {
   const int32_t* query_entries;
   void* out;
   int32_t num_queries, num_heads;
+  unsigned long long* trace;  // DEFT_ATTN_TRACE builds: this kernel's records (see the header)
 };
 
 // Two values of T packed in a word (MmaOp<T>::pack's layout) as floats.
@@ -785,6 +835,12 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
   const int lane = threadIdx.x & 31;
   const int group = lane / kLanesPerEntry, sub = lane % kLanesPerEntry;
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+#if DEFT_ATTN_TRACE
+  if (threadIdx.x == 0 && p.trace != nullptr) {
+    p.trace[4 * blockIdx.x] = GlobalTimer();
+    p.trace[4 * blockIdx.x + 3] = SmId();
+  }
+#endif
   if (gw >= static_cast<int64_t>(p.num_queries) * p.num_heads) return;
   const int query = static_cast<int>(gw / p.num_heads), head = static_cast<int>(gw % p.num_heads);
   // The plan's arrays are not written by the chunk kernel: read them (and the first 32 entry ids)
@@ -793,6 +849,9 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
   const int b = __ldg(p.query_entry_begin + query), e = __ldg(p.query_entry_begin + query + 1);
   int first_entry = lane < e - b ? __ldg(p.query_entries + b + lane) : 0;
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#if DEFT_ATTN_TRACE
+  if (threadIdx.x == 0 && p.trace != nullptr) p.trace[4 * blockIdx.x + 1] = GlobalTimer();
+#endif
   float acc[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
@@ -888,6 +947,9 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
   } else {
     *reinterpret_cast<uint32_t*>(dst) = words[0];
   }
+#if DEFT_ATTN_TRACE
+  if (threadIdx.x == 0 && p.trace != nullptr) p.trace[4 * blockIdx.x + 2] = GlobalTimer();
+#endif
 }
 
 // (query, head) warps up to which the merge reads 32 entries per round (see the merge kernel):
@@ -934,13 +996,19 @@ cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
   cp.part_o = a.workspace;
   cp.part_lse = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + o_bytes);
   cp.skip_masked = a.skip_masked_blocks;
+  const int64_t chunk_ctas = static_cast<int64_t>(a.plan.num_work) * a.num_kv_heads;
+  const int64_t merge_ctas = (static_cast<int64_t>(a.plan.num_queries) * a.num_heads + 3) / 4;
+  // Profiling builds: a stamp on the stream, then the kernels' records (tree_attention.h).
+  cp.trace = DEFT_ATTN_TRACE && a.trace != nullptr ? a.trace : nullptr;
+  if (cp.trace != nullptr) TraceStampKernel<<<1, 1, 0, stream>>>(a.trace, chunk_ctas, merge_ctas);
   if (a.plan.num_work > 0 && a.phases != TreeAttentionPhases::kMergeOnly) {
     TreeAttentionChunkKernel<T, D>
         <<<dim3(a.plan.num_work, a.num_kv_heads), kThreads, K::kSmemBytes, stream>>>(cp);
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
   MergeParams mp{cp.part_o,           cp.part_lse, a.plan.query_entry_begin, a.plan.query_entries,
-                 a.out,               a.plan.num_queries, a.num_heads};
+                 a.out,               a.plan.num_queries, a.num_heads,
+                 cp.trace != nullptr ? cp.trace + 3 + 6 * chunk_ctas : nullptr};
   const int64_t warps = static_cast<int64_t>(a.plan.num_queries) * a.num_heads;
   if (warps > 0 && a.phases != TreeAttentionPhases::kChunkOnly) {
     // After the chunk kernel, a programmatic dependent launch: its launch latency overlaps the
@@ -971,6 +1039,14 @@ cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool TreeAttentionTraceEnabled() { return DEFT_ATTN_TRACE != 0; }
+
+size_t TreeAttentionTraceWords(int32_t num_work, int32_t num_kv_heads, int32_t num_queries,
+                               int32_t num_heads) {
+  return 3 + 6 * static_cast<size_t>(num_work) * num_kv_heads +
+         4 * ((static_cast<size_t>(num_queries) * num_heads + 3) / 4);
+}
 
 size_t TreeAttentionWorkspaceBytes(int32_t num_entries, int32_t num_heads, int32_t head_dim) {
   const size_t n = static_cast<size_t>(num_entries > 0 ? num_entries : 0) * num_heads;

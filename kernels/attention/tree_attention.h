@@ -87,7 +87,19 @@ struct TreeAttentionArgs {
   // for the tree-mask baseline, which computes its dense mask in full as Medusa-style kernels do.
   bool skip_masked_blocks = true;
   TreeAttentionPhases phases = TreeAttentionPhases::kBoth;
+  // Profiling (builds with -DDEFT_ATTN_TRACE=ON only; ignored otherwise): when set, a device
+  // buffer of TreeAttentionTraceWords(...) words that the launches fill with %globaltimer
+  // stamps (ns): [0] a stamp taken on the stream just before the chunk kernel, [1] chunk CTAs,
+  // [2] merge CTAs, then per chunk CTA (blockIdx.y * gridDim.x + blockIdx.x) {start, first
+  // sub-tile landed, loop done, partials staged, end, smid | sub-tiles << 16 | rows << 32}, then per merge CTA
+  // {start, after its wait, end, smid}.
+  unsigned long long* trace = nullptr;
 };
+
+// Whether this build records traces (DEFT_ATTN_TRACE), and the words a trace buffer needs.
+bool TreeAttentionTraceEnabled();
+size_t TreeAttentionTraceWords(int32_t num_work, int32_t num_kv_heads, int32_t num_queries,
+                               int32_t num_heads);
 
 // Bytes of workspace a plan with `num_entries` entries needs for `num_heads` x `head_dim`.
 size_t TreeAttentionWorkspaceBytes(int32_t num_entries, int32_t num_heads, int32_t head_dim);
