@@ -11,6 +11,10 @@
 // each at chunk sizes 128..1024 tokens (grid = chunks x 8 KV heads), with --ctas_per_sm 1..4
 // (shared memory reserved to force it), L2 flushed by a 256 MB read before every run, CUDA
 // events, median of --reps. Prints microseconds and the read bandwidth.
+// --readers: instead, R = 1/4/16 CTAs per (chunk, head) side by side (the chunk kernel's R
+// 64-row tiles of a shared chunk) on the 2-stage ring at 3 CTAs per SM, with and without a
+// 600 ns spin per sub-tile (a stand-in for the math) and with the readers staggered (reader r
+// starting at sub-tile r * subs / R): what shared reads cost through L2.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -41,8 +45,13 @@ constexpr int kStage = 2 * kSub * kRowBytes;    // K and V: 32 KiB
 // (chunk, head) of this CTA: the grid is chunks x heads (head_fast = 0: the chunk index is
 // blockIdx.x, CTAs of one head are launched together) or one dimension with the head fastest
 // (head_fast = 1: the 8 CTAs reading the same tokens' 8 heads, i.e. whole 2 KiB slots, together).
+// head_fast = -R (R >= 1): the grid is (chunks x R) x heads, R CTAs read the same (chunk, head)
+// side by side (what R 64-row tiles of one chunk do in the chunk kernel).
 __device__ __forceinline__ void ChunkHead(int head_fast, int& c, int& h) {
-  if (head_fast) {
+  if (head_fast < 0) {
+    c = blockIdx.x / -head_fast;
+    h = blockIdx.y;
+  } else if (head_fast) {
     c = blockIdx.x / kHeads;
     h = blockIdx.x % kHeads;
   } else {
@@ -80,6 +89,13 @@ __global__ void Plain(const uint8_t* k, const uint8_t* v, int chunk, int n, uint
   if (acc == 0x12345678u) *sink = acc;
 }
 
+// Readers table only: nanoseconds each CTA spends per sub-tile after it landed (a stand-in for
+// the chunk kernel's math on it; 0 elsewhere).
+__device__ int g_spin_ns = 0;
+// Readers table only: reader r of R starts at sub-tile r * subs / R and wraps around (the R
+// readers of a chunk then pull different sub-tiles from DRAM at the same time).
+__device__ int g_stagger = 0;
+
 template <int S>
 __global__ void Ring(const uint8_t* k, const uint8_t* v, int chunk, int n, uint32_t* sink, int head_fast) {
   extern __shared__ __align__(128) uint8_t smem[];
@@ -87,11 +103,13 @@ __global__ void Ring(const uint8_t* k, const uint8_t* v, int chunk, int n, uint3
   ChunkHead(head_fast, c, h);
   const int first = c * chunk, len = min(chunk, n - first);
   const int subs = (len + kSub - 1) / kSub;
+  const int start = head_fast < 0 && g_stagger ? (blockIdx.x % -head_fast) * subs / -head_fast : 0;
   auto issue = [&](int sub) {
     uint8_t* dst = smem + (sub % S) * kStage;
+    const int phys = (sub + start) % subs;
 #pragma unroll
     for (int j = 0; j < kSub * 16 / 128; ++j) {
-      const int i = threadIdx.x + 128 * j, t = sub * kSub + i / 16;
+      const int i = threadIdx.x + 128 * j, t = phys * kSub + i / 16;
       const bool ok = t < len;
       const size_t off = static_cast<size_t>(first + (ok ? t : 0)) * kSlotBytes + h * kRowBytes + (i % 16) * 16;
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(Smem(dst + i * 16)),
@@ -112,6 +130,13 @@ __global__ void Ring(const uint8_t* k, const uint8_t* v, int chunk, int n, uint3
     if (sub + S - 1 < subs) issue(sub + S - 1);
     asm volatile("cp.async.commit_group;\n" ::);
     acc ^= reinterpret_cast<const uint32_t*>(smem + (sub % S) * kStage)[threadIdx.x * 64];
+    if (g_spin_ns > 0) {
+      unsigned long long t0, t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+      do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      } while (t - t0 < static_cast<unsigned long long>(g_spin_ns));
+    }
   }
   if (acc == 0x12345678u) *sink = acc;
 }
@@ -202,9 +227,11 @@ double Median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   int n = 8000, reps = 50;
+  bool readers_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--tokens=", 9) == 0) n = std::atoi(argv[i] + 9);
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::atoi(argv[i] + 7);
+    if (std::strcmp(argv[i], "--readers") == 0) readers_only = true;
   }
   const size_t bytes = static_cast<size_t>(n + 64) * kSlotBytes;
   uint8_t *k, *v, *flush;
@@ -237,6 +264,29 @@ int main(int argc, char** argv) {
     }
     return Median(t);
   };
+  if (readers_only) {
+    // Shared reads: R CTAs per (chunk, head) (R 64-row tiles of a chunk) with the chunk kernel's
+    // 2-stage ring at 3 CTAs per SM. DRAM sees the unique bytes once (if L2 holds them while
+    // the R readers pass), L2 -> SM carries R times as much.
+    const int smem = 220 * 1024 / 3;
+    CHECK_CUDA(cudaFuncSetAttribute(Ring<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    std::printf("| stagger | spin ns per sub-tile | readers | chunk | CTAs | us | unique TB/s | L2->SM TB/s |\n|---|---|---|---|---|---|---|---|\n");
+    for (int stagger : {0, 1})
+    for (int spin : {0, 600})
+    for (int chunk : {128, 256, 384, 512}) {
+      CHECK_CUDA(cudaMemcpyToSymbol(g_spin_ns, &spin, sizeof(spin)));
+      CHECK_CUDA(cudaMemcpyToSymbol(g_stagger, &stagger, sizeof(stagger)));
+      for (int r : {1, 4, 16}) {
+        const int chunks = (n + chunk - 1) / chunk;
+        const dim3 grid(chunks * r, kHeads);
+        const double us = time([&] { Ring<2><<<grid, 128, smem>>>(k, v, chunk, n, sink, -r); });
+        std::printf("| %d | %d | %d | %d | %d | %.1f | %.2f | %.2f |\n", stagger, spin, r, chunk, chunks * r * kHeads, us,
+                    read_bytes / us / 1e6, r * read_bytes / us / 1e6);
+        std::fflush(stdout);
+      }
+    }
+    return 0;
+  }
   {
     const size_t n16 = static_cast<size_t>(n) * kHeads * kRowBytes / 16;
     std::printf("linear (contiguous K and V, %.1f MB):", read_bytes / 1e6);
