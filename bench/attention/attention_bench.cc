@@ -61,6 +61,9 @@ ABSL_FLAG(std::string, flush, "read",
 ABSL_FLAG(int32_t, chunk_tokens, 0,
           "force this chunk size (flatten/node: chunk tokens; seq/tree: split size) instead of "
           "the cost model's choice (0)");
+ABSL_FLAG(std::vector<std::string>, chunk_list, {},
+          "flatten: force these chunk lengths in flattened order (comma-separated, the last "
+          "repeated) instead of the cost model's uniform size");
 ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
 ABSL_FLAG(std::string, trace, "",
           "profiling builds (-DDEFT_ATTN_TRACE=ON): write each row's per-CTA timestamps of one "
@@ -366,6 +369,11 @@ std::vector<ModeResult> RunRow(const Context& ctx, const WorkloadForest& forest,
         ChooseGpuPlannerOptions(modes[mi], segments, forest.queries, model, &plan);
     if (const int32_t forced = absl::GetFlag(FLAGS_chunk_tokens); forced > 0 && options.ok()) {
       options->min_chunk_tokens = options->max_chunk_tokens = options->seq_chunk_tokens = forced;
+    }
+    if (const std::vector<std::string> list = absl::GetFlag(FLAGS_chunk_list);
+        !list.empty() && options.ok() && modes[mi] == AttentionMode::kFlatten) {
+      options->flatten_chunk_tokens.clear();
+      for (const std::string& x : list) options->flatten_chunk_tokens.push_back(std::stoi(x));
     }
     if (!options.ok()) {
       std::fprintf(stderr, "%s\n", options.status().ToString().c_str());

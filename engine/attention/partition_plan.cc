@@ -79,6 +79,12 @@ absl::Status PartitionPlanner::Validate(std::span<const PlanSegment> segments,
         o.min_chunks, o.min_chunk_tokens, o.max_chunk_tokens, o.seq_chunk_tokens,
         o.bytes_per_kv_token));
   }
+  for (const int32_t len : o.flatten_chunk_tokens) {
+    if (len < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("planner options out of range: flatten chunk of %d tokens", len));
+    }
+  }
   const int64_t n = static_cast<int64_t>(segments.size());
   if (n > std::numeric_limits<int32_t>::max() ||
       queries.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
@@ -233,6 +239,14 @@ void PartitionPlanner::CutChunks(PartitionPlan* plan) {
   };
   switch (options_.mode) {
     case AttentionMode::kFlatten: {
+      if (!options_.flatten_chunk_tokens.empty()) {
+        const std::vector<int32_t>& len = options_.flatten_chunk_tokens;
+        for (int32_t b = 0, i = 0; b < total; ++i) {
+          b = std::min(total, b + len[std::min<size_t>(i, len.size() - 1)]);
+          cb.push_back(b);
+        }
+        break;
+      }
       const int32_t target = (total + options_.min_chunks - 1) / options_.min_chunks;
       cut_uniform(0, total,
                   std::clamp(target, options_.min_chunk_tokens, options_.max_chunk_tokens));

@@ -74,6 +74,9 @@ struct PlannerOptions {
   int32_t min_chunk_tokens = 32;
   int32_t max_chunk_tokens = 512;
   int32_t seq_chunk_tokens = 256;  // kSeq / kTree split size
+  // kFlatten: when not empty, the chunk lengths in flattened order instead of the uniform size
+  // above, the last one repeated until the tokens run out (the last chunk may be shorter).
+  std::vector<int32_t> flatten_chunk_tokens;
   int64_t bytes_per_kv_token = 0;  // for the IO accounting (all layers, K and V)
 };
 

@@ -191,6 +191,20 @@ void CheckChunking(const Forest& f, const PlannerOptions& o, const PartitionPlan
   const int32_t nq = static_cast<int32_t>(f.queries.size());
   switch (o.mode) {
     case AttentionMode::kFlatten: {
+      if (!o.flatten_chunk_tokens.empty()) {
+        // The given lengths in order, the last repeated; only the last chunk may be shorter.
+        const std::vector<int32_t>& len = o.flatten_chunk_tokens;
+        for (int32_t c = 0; c < n; ++c) {
+          const int32_t want = len[std::min<size_t>(c, len.size() - 1)];
+          if (c + 1 < n) {
+            EXPECT_EQ(ChunkLen(plan, c), want) << "chunk " << c;
+          } else {
+            EXPECT_LE(ChunkLen(plan, c), want) << "chunk " << c;
+            EXPECT_GE(ChunkLen(plan, c), 1) << "chunk " << c;
+          }
+        }
+        break;
+      }
       const int32_t size = FlattenChunkTokens(o, static_cast<int32_t>(plan.kv_slots.size()));
       for (int32_t c = 0; c + 1 < n; ++c) EXPECT_EQ(ChunkLen(plan, c), size) << "chunk " << c;
       if (n > 0) {
@@ -275,6 +289,13 @@ PlannerOptions RandomOptions(std::mt19937& rng, AttentionMode mode) {
   o.max_chunk_tokens = std::uniform_int_distribution<int32_t>(o.min_chunk_tokens, 150)(rng);
   o.seq_chunk_tokens = std::uniform_int_distribution<int32_t>(1, 150)(rng);
   o.bytes_per_kv_token = std::uniform_int_distribution<int64_t>(1, 1 << 20)(rng);
+  if (mode == AttentionMode::kFlatten && std::uniform_int_distribution<int>(0, 2)(rng) == 0) {
+    // Explicit chunk lengths (attention_bench --chunk_list).
+    const int32_t n = std::uniform_int_distribution<int32_t>(1, 5)(rng);
+    for (int32_t i = 0; i < n; ++i) {
+      o.flatten_chunk_tokens.push_back(std::uniform_int_distribution<int32_t>(1, 100)(rng));
+    }
+  }
   return o;
 }
 
@@ -563,8 +584,9 @@ TEST(PartitionPlanTest, MalformedForestsAreInvalidArgumentNamingTheProblem) {
 
 TEST(PartitionPlanTest, OptionsOutOfRangeAreInvalidArgument) {
   const Forest f = SmallForest();
-  for (int which = 0; which < 5; ++which) {
+  for (int which = 0; which < 6; ++which) {
     PlannerOptions o;
+    if (which == 5) o.flatten_chunk_tokens = {64, 0, 32};
     if (which == 0) o.min_chunks = 0;
     if (which == 1) o.min_chunk_tokens = 0;
     if (which == 2) o.max_chunk_tokens = 16;  // below min_chunk_tokens 32
