@@ -64,6 +64,9 @@ ABSL_FLAG(int32_t, chunk_tokens, 0,
 ABSL_FLAG(std::vector<std::string>, chunk_list, {},
           "flatten: force these chunk lengths in flattened order (comma-separated, the last "
           "repeated) instead of the cost model's uniform size");
+ABSL_FLAG(std::string, merge, "auto",
+          "merge kernel: auto, head (a warp per query and head) or group (a warp per query and KV "
+          "head, where the GQA group is 2, 4 or 8)");
 ABSL_FLAG(std::string, json, "", "write the rows as JSON to this file");
 ABSL_FLAG(std::string, trace, "",
           "profiling builds (-DDEFT_ATTN_TRACE=ON): write each row's per-CTA timestamps of one "
@@ -395,6 +398,14 @@ std::vector<ModeResult> RunRow(const Context& ctx, const WorkloadForest& forest,
                          ? options->max_chunk_tokens
                          : options->seq_chunk_tokens;
     absl::Status st = attention[mi].Upload(plan, ctx.heads, ctx.kv_heads, ctx.head_dim, nullptr);
+    if (const std::string merge = absl::GetFlag(FLAGS_merge); merge == "head") {
+      attention[mi].set_merge(kernels::TreeAttentionMerge::kPerHead);
+    } else if (merge == "group") {
+      attention[mi].set_merge(kernels::TreeAttentionMerge::kPerGroup);
+    } else if (merge != "auto") {
+      std::fprintf(stderr, "--merge must be auto, head or group, not %s\n", merge.c_str());
+      std::exit(2);
+    }
     if (!st.ok()) {
       std::fprintf(stderr, "%s\n", st.ToString().c_str());
       std::exit(1);

@@ -83,6 +83,7 @@ absl::Status GpuTreeAttention::Run(const GpuAttentionLayer& layer, cudaStream_t 
   a.workspace_bytes = workspace_capacity_;
   a.skip_masked_blocks = skip_masked_;
   a.phases = phases;
+  a.merge = merge_;
   a.trace = trace;
   if (cudaError_t err = kernels::RunTreeAttention(a, stream); err != cudaSuccess) {
     if (err == cudaErrorInvalidValue) {

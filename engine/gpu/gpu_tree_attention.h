@@ -45,6 +45,9 @@ class GpuTreeAttention {
                    kernels::TreeAttentionPhases phases = kernels::TreeAttentionPhases::kBoth,
                    unsigned long long* trace = nullptr) const;
 
+  // Which merge kernel Run launches (kernels::TreeAttentionMerge; kAuto unless a test forces one).
+  void set_merge(kernels::TreeAttentionMerge merge) { merge_ = merge; }
+
   const kernels::TreeAttentionPlanView& view() const { return device_plan_.view(); }
   size_t plan_bytes() const { return device_plan_.uploaded_bytes(); }
 
@@ -54,6 +57,7 @@ class GpuTreeAttention {
   size_t workspace_capacity_ = 0, workspace_bytes_ = 0;
   int32_t num_heads_ = 0, head_dim_ = 0;
   bool skip_masked_ = true;
+  kernels::TreeAttentionMerge merge_ = kernels::TreeAttentionMerge::kAuto;
 };
 
 }  // namespace deft

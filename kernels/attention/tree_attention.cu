@@ -818,6 +818,43 @@ __device__ __forceinline__ float2 Unpack<__nv_bfloat16>(uint32_t w) {
 }
 
 
+// acc[0..7] += w x the 8 values of T in v.
+template <typename T>
+__device__ __forceinline__ void AddWeighted(float* acc, const uint4& v, float w) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = Unpack<T>(words[k]);
+    acc[2 * k] += w * f.x;
+    acc[2 * k + 1] += w * f.y;
+  }
+}
+
+// Profiling builds: a merge CTA's start stamp and SM.
+__device__ __forceinline__ void MergeTraceStart(const MergeParams& p) {
+#if DEFT_ATTN_TRACE
+  if (threadIdx.x == 0 && p.trace != nullptr) {
+    p.trace[4 * blockIdx.x] = GlobalTimer();
+    p.trace[4 * blockIdx.x + 3] = SmId();
+  }
+#endif
+}
+
+// A merge warp's set-up: its query's entry range [b, e) and lane i's entry id b + i (0 past e),
+// read before waiting for the chunk kernel's partial states (the plan's arrays are not written
+// by it), so that the wait is followed by two dependent loads, not four. The wait is a no-op
+// when the merge is launched normally.
+__device__ __forceinline__ void MergeEntries(const MergeParams& p, int query, int lane, int& b,
+                                             int& e, int& first_entry) {
+  b = __ldg(p.query_entry_begin + query);
+  e = __ldg(p.query_entry_begin + query + 1);
+  first_entry = lane < e - b ? __ldg(p.query_entries + b + lane) : 0;
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#if DEFT_ATTN_TRACE
+  if (threadIdx.x == 0 && p.trace != nullptr) p.trace[4 * blockIdx.x + 1] = GlobalTimer();
+#endif
+}
+
 // One warp per (query, head). Entries are taken 32 at a time: each lane holds one entry's id and
 // loads its lse; the warp reads kLanesPerEntry-lane slices of the entries' o vectors, 4 entries
 // side by side, 8 entries per round (the first round overlapping the lse loads); the batch's
@@ -835,23 +872,11 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
   const int lane = threadIdx.x & 31;
   const int group = lane / kLanesPerEntry, sub = lane % kLanesPerEntry;
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-#if DEFT_ATTN_TRACE
-  if (threadIdx.x == 0 && p.trace != nullptr) {
-    p.trace[4 * blockIdx.x] = GlobalTimer();
-    p.trace[4 * blockIdx.x + 3] = SmId();
-  }
-#endif
+  MergeTraceStart(p);
   if (gw >= static_cast<int64_t>(p.num_queries) * p.num_heads) return;
   const int query = static_cast<int>(gw / p.num_heads), head = static_cast<int>(gw % p.num_heads);
-  // The plan's arrays are not written by the chunk kernel: read them (and the first 32 entry ids)
-  // before waiting for its partial states, so that wait is followed by two dependent loads, not
-  // four. The wait is a no-op when launched normally.
-  const int b = __ldg(p.query_entry_begin + query), e = __ldg(p.query_entry_begin + query + 1);
-  int first_entry = lane < e - b ? __ldg(p.query_entries + b + lane) : 0;
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#if DEFT_ATTN_TRACE
-  if (threadIdx.x == 0 && p.trace != nullptr) p.trace[4 * blockIdx.x + 1] = GlobalTimer();
-#endif
+  int b, e, first_entry;
+  MergeEntries(p, query, lane, b, e, first_entry);
   float acc[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
@@ -882,15 +907,7 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
       const int i = (first_pass + r) * kGroups + group;
       const float w = __shfl_sync(0xffffffffu, my_w, i & 31);  // 0 past the batch
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const uint32_t words[4] = {v[r][j].x, v[r][j].y, v[r][j].z, v[r][j].w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float2 f = Unpack<T>(words[k]);
-          acc[8 * j + 2 * k] += w * f.x;
-          acc[8 * j + 2 * k + 1] += w * f.y;
-        }
-      }
+      for (int j = 0; j < kVec; ++j) AddWeighted<T>(acc + 8 * j, v[r][j], w);
     }
   };
   for (int base = b; base < e; base += 32) {
@@ -950,6 +967,101 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
 #if DEFT_ATTN_TRACE
   if (threadIdx.x == 0 && p.trace != nullptr) p.trace[4 * blockIdx.x + 2] = GlobalTimer();
 #endif
+}
+
+// The merge for plans with more (query, head) pairs than one wave of the kernel above holds
+// (hundreds of queries: wide token trees, many samples of one prompt): one warp per (query, KV
+// head) merges the G query heads of the group side by side, 32 / G lanes per head, each lane
+// kPer = D * G / 32 consecutive dims of its head. A round loads kEntries entries' lse and o
+// slices at once (one round trip), rescales to the round's max and accumulates in entry order,
+// per lane: no shuffles, deterministic. A quarter of the warps of the kernel above for G = 4.
+template <typename T, int D, int G, int kEntries>
+__global__ void __launch_bounds__(128) TreeAttentionGroupMergeKernel(
+    const __grid_constant__ MergeParams p) {
+  constexpr int kLanes = 32 / G;       // lanes per head
+  constexpr int kPer = D / kLanes;     // dims per lane
+  constexpr int kVec = kPer / 8;       // 16-byte loads per lane and entry
+  static_assert(kVec >= 1, "at least 8 dims per lane");
+  const int lane = threadIdx.x & 31;
+  const int g = lane / kLanes, sub = lane % kLanes;
+  const int num_kv_heads = p.num_heads / G;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  MergeTraceStart(p);
+  if (gw >= static_cast<int64_t>(p.num_queries) * num_kv_heads) return;
+  const int query = static_cast<int>(gw / num_kv_heads);
+  const int head = static_cast<int>(gw % num_kv_heads) * G + g;
+  int b, e, first_entry;
+  MergeEntries(p, query, lane, b, e, first_entry);
+  float acc[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
+  float mx = -INFINITY, sum = 0.f;
+  for (int base = b; base < e; base += 32) {
+    const int n = min(32, e - base);
+    const int my_entry = base == b ? first_entry : (lane < n ? p.query_entries[base + lane] : 0);
+    for (int r0 = 0; r0 < n; r0 += kEntries) {
+      uint4 v[kEntries][kVec];
+      float lse[kEntries];
+#pragma unroll
+      for (int i = 0; i < kEntries; ++i) {
+        const int entry = __shfl_sync(0xffffffffu, my_entry, (r0 + i) & 31);
+        const bool here = r0 + i < n;
+        const int64_t row = static_cast<int64_t>(entry) * p.num_heads + head;
+        const uint4* src =
+            reinterpret_cast<const uint4*>(static_cast<const T*>(p.part_o) + row * D + sub * kPer);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) v[i][k] = here ? __ldg(src + k) : make_uint4(0u, 0u, 0u, 0u);
+        lse[i] = here ? p.part_lse[row] : -INFINITY;
+      }
+      float rm = lse[0];
+#pragma unroll
+      for (int i = 1; i < kEntries; ++i) rm = fmaxf(rm, lse[i]);
+      if (rm == -INFINITY) continue;  // nothing in this round
+      const float new_mx = fmaxf(mx, rm);
+      const float rescale = mx == -INFINITY ? 0.f : __expf(mx - new_mx);
+      mx = new_mx;
+      sum *= rescale;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) acc[j] *= rescale;
+#pragma unroll
+      for (int i = 0; i < kEntries; ++i) {
+        const float w = lse[i] == -INFINITY ? 0.f : __expf(lse[i] - mx);
+        sum += w;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) AddWeighted<T>(acc + 8 * k, v[i][k], w);
+      }
+    }
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(query) * p.num_heads + head) * D +
+           sub * kPer;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    uint4 w;
+    w.x = MmaOp<T>::pack(acc[8 * k] * inv, acc[8 * k + 1] * inv);
+    w.y = MmaOp<T>::pack(acc[8 * k + 2] * inv, acc[8 * k + 3] * inv);
+    w.z = MmaOp<T>::pack(acc[8 * k + 4] * inv, acc[8 * k + 5] * inv);
+    w.w = MmaOp<T>::pack(acc[8 * k + 6] * inv, acc[8 * k + 7] * inv);
+    reinterpret_cast<uint4*>(dst)[k] = w;
+  }
+#if DEFT_ATTN_TRACE
+  if (threadIdx.x == 0 && p.trace != nullptr) p.trace[4 * blockIdx.x + 2] = GlobalTimer();
+#endif
+}
+
+// (query, head) warps above which the per-(query, KV head) merge is used: about one wave of the
+// per-(query, head) kernel (72 registers at kRound 2: 7 CTAs of 4 warps per SM).
+int64_t GroupMergeMinWarps() {
+  static const int64_t warps = [] {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();
+      return int64_t{1} << 62;
+    }
+    return int64_t{sms} * 7 * 4;
+  }();
+  return warps;
 }
 
 // (query, head) warps up to which the merge reads 32 entries per round (see the merge kernel):
@@ -1027,6 +1139,23 @@ cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
     // 8 entries kRound 2, else 32 in one round (kRound 8) for a grid of one wave at its
     // registers, else 16 (kRound 4). Measured on the H100 (bench/RESULTS.md): kRound 4 for
     // 256 siblings' 6 entries and 8224 warps took 12.5 us against 10.6 at kRound 2.
+    const int group = a.num_heads / a.num_kv_heads;
+    // At least 8 dims (one 16-byte load) per lane: G >= 2 at D = 128, G >= 4 at D = 64.
+    const bool per_group =
+        a.merge == TreeAttentionMerge::kPerGroup ||
+        (a.merge == TreeAttentionMerge::kAuto && warps > GroupMergeMinWarps());
+    if (per_group && (group == 2 || group == 4 || group == 8) && D * group / 32 >= 8) {
+      config.gridDim = dim3(static_cast<unsigned>((warps / group + 3) / 4));
+      if constexpr (D == 128) {
+        if (group == 2) {
+          return cudaLaunchKernelEx(&config, TreeAttentionGroupMergeKernel<T, D, 2, 8>, mp);
+        }
+      }
+      if (group == 4) {
+        return cudaLaunchKernelEx(&config, TreeAttentionGroupMergeKernel<T, D, 4, 8>, mp);
+      }
+      return cudaLaunchKernelEx(&config, TreeAttentionGroupMergeKernel<T, D, 8, 4>, mp);
+    }
     if (a.plan.max_query_entries > 8) {
       if (warps <= WideMergeMaxWarps()) {
         return cudaLaunchKernelEx(&config, TreeAttentionMergeKernel<T, D, 8>, mp);

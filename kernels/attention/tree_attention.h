@@ -11,8 +11,9 @@
 //     first). Per entry it writes a partial state (o normalized, in T; lse in natural log,
 //     fp32) to the workspace. Masks (token trees, chunk boundaries inside a segment) come
 //     from the plan's per-entry bitmasks.
-//  2. merge kernel, one warp per (query, head): merges the query's entries in the plan's order
-//     (deterministic; no atomics) into out, in the activation dtype.
+//  2. merge kernel, one warp per (query, head), or per (query, KV head) for plans of hundreds of
+//     queries: merges the query's entries in the plan's order (deterministic; no atomics) into
+//     out, in the activation dtype.
 //
 // Layouts (all device pointers):
 //  q   : [num_queries, num_heads, head_dim], dtype T (RoPE applied, not scaled)
@@ -69,6 +70,12 @@ struct TreeAttentionPlanView {  // device pointers to the plan's arrays
 // Which launches RunTreeAttention makes: both (the default), or one of them (profiling).
 enum class TreeAttentionPhases { kBoth, kChunkOnly, kMergeOnly };
 
+// The merge kernel: kAuto picks one warp per (query, head), or, for plans with more of those than
+// one wave holds (hundreds of queries), one warp per (query, KV head) merging its GQA group of 2,
+// 4 or 8 heads (at least 8 dims per lane); kPerHead / kPerGroup force one (tests; kPerGroup
+// falls back to kPerHead where the group does not qualify).
+enum class TreeAttentionMerge { kAuto, kPerHead, kPerGroup };
+
 struct TreeAttentionArgs {
   KvDtype dtype = KvDtype::kFloat16;
   int32_t num_heads = 0;
@@ -87,6 +94,7 @@ struct TreeAttentionArgs {
   // for the tree-mask baseline, which computes its dense mask in full as Medusa-style kernels do.
   bool skip_masked_blocks = true;
   TreeAttentionPhases phases = TreeAttentionPhases::kBoth;
+  TreeAttentionMerge merge = TreeAttentionMerge::kAuto;
   // Profiling (builds with -DDEFT_ATTN_TRACE=ON only; ignored otherwise): when set, a device
   // buffer of TreeAttentionTraceWords(...) words that the launches fill with %globaltimer
   // stamps (ns): [0] a stamp taken on the stream just before the chunk kernel, [1] chunk CTAs,

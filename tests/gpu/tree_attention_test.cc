@@ -209,17 +209,36 @@ double CheckForest(ThreadPool& threads, const WorkloadForest& forest, const Shap
               cudaSuccess);
     EXPECT_EQ(std::memcmp(out.data(), again.data(), out.size() * sizeof(T)), 0)
         << forest.name << " " << Describe(shape, mode) << ": the phases launched apart differ";
-    double err = 0;
-    int64_t non_finite = 0;
-    for (int64_t i = 0; i < q_elems; ++i) {
-      const float g = ToF(out[i]);
-      if (!std::isfinite(g)) ++non_finite;
-      const double d = static_cast<double>(g) - ref[i];
-      err += d * d;
-    }
-    const double rel = non_finite > 0 ? 1e9 : std::sqrt(err) / std::max(ref_norm, 1e-30);
+    // Relative L2 error of an output against the fp32 reference (1e9 if any value is not finite).
+    auto rel_error = [&](const std::vector<T>& got) {
+      double e2 = 0;
+      int64_t bad = 0;
+      for (int64_t i = 0; i < q_elems; ++i) {
+        const float g = ToF(got[i]);
+        if (!std::isfinite(g)) ++bad;
+        const double d = static_cast<double>(g) - ref[i];
+        e2 += d * d;
+      }
+      return bad > 0 ? 1e9 : std::sqrt(e2) / std::max(ref_norm, 1e-30);
+    };
     const double limit = shape.dtype == kernels::KvDtype::kFloat16 ? 2e-3 : 1e-2;
-    EXPECT_EQ(non_finite, 0) << forest.name << " " << Describe(shape, mode);
+    // Both merge kernels (one warp per (query, head), or per (query, KV head) where the group
+    // qualifies) within the same bound.
+    for (kernels::TreeAttentionMerge merge :
+         {kernels::TreeAttentionMerge::kPerHead, kernels::TreeAttentionMerge::kPerGroup}) {
+      attention.set_merge(merge);
+      EXPECT_EQ(cudaMemset(dout, 0xff, q_t.size() * sizeof(T)), cudaSuccess);
+      EXPECT_TRUE(attention.Run(layer, nullptr).ok());
+      EXPECT_EQ(cudaMemcpy(again.data(), dout, again.size() * sizeof(T), cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      const double rel2 = rel_error(again);
+      EXPECT_LE(rel2, limit) << forest.name << " " << Describe(shape, mode) << " merge "
+          << (merge == kernels::TreeAttentionMerge::kPerHead ? "per head" : "per group");
+      worst = std::max(worst, rel2);
+    }
+    attention.set_merge(kernels::TreeAttentionMerge::kAuto);
+    const double rel = rel_error(out);
+    EXPECT_LT(rel, 1e9) << forest.name << " " << Describe(shape, mode) << ": non-finite output";
     EXPECT_LE(rel, limit) << forest.name << " " << Describe(shape, mode) << " chunks "
                           << plan.num_chunks() << " entries " << plan.num_entries();
     worst = std::max(worst, rel);
