@@ -24,7 +24,9 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
+#include <string_view>
 
 #include "kernels/attention/tree_attention.h"
 #include "kernels/attention/wgmma_ops.cuh"
@@ -581,6 +583,10 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     // The wgmma loop takes sub-tile kStages - 1's ids from the ring; the mma.sync loop from here.
     if (st < kStages - 1 || !wg) LoadSlots<T, D>(p, chunk_first, chunk_len, st, first[st]);
   }
+  // Launched as a programmatic dependent launch (RunTreeAttention): the plan's loads above may
+  // go out while the kernel before this one (the step's RoPE + KV append, which writes Q and the
+  // new tokens' K/V) finishes; Q and K/V only after it has.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (st < num_sub) LoadSubTile<T, D>(p, smem, st, first[st], kv_head);
@@ -1114,9 +1120,27 @@ cudaError_t Launch(const TreeAttentionArgs& a, cudaStream_t stream) {
   cp.trace = DEFT_ATTN_TRACE && a.trace != nullptr ? a.trace : nullptr;
   if (cp.trace != nullptr) TraceStampKernel<<<1, 1, 0, stream>>>(a.trace, chunk_ctas, merge_ctas);
   if (a.plan.num_work > 0 && a.phases != TreeAttentionPhases::kMergeOnly) {
-    TreeAttentionChunkKernel<T, D>
-        <<<dim3(a.plan.num_work, a.num_kv_heads), kThreads, K::kSmemBytes, stream>>>(cp);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    // A programmatic dependent launch: its CTAs may be scheduled and load the plan while the
+    // kernel before it (in a model step, RoPE + KV append) ends; the kernel waits for that one
+    // before it reads Q or K/V.
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(a.plan.num_work, a.num_kv_heads);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = K::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    static const bool pdl = [] {  // DEFT_PDL=0 turns it off (as kernels/model/dispatch.cuh)
+      const char* env = std::getenv("DEFT_PDL");
+      return env == nullptr || std::string_view(env) != "0";
+    }();
+    config.numAttrs = pdl ? 1 : 0;
+    if (cudaError_t err = cudaLaunchKernelEx(&config, TreeAttentionChunkKernel<T, D>, cp);
+        err != cudaSuccess) {
+      return err;
+    }
   }
   MergeParams mp{cp.part_o,           cp.part_lse, a.plan.query_entry_begin, a.plan.query_entries,
                  a.out,               a.plan.num_queries, a.num_heads,

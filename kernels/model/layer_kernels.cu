@@ -13,6 +13,8 @@ int Blocks(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); 
 
 template <typename T>
 __global__ void EmbeddingKernel(const __grid_constant__ EmbeddingParams p) {
+  GridDependencyWait();  // launched by LaunchPdl
+  GridDependentsMayLaunch();
   const int r = blockIdx.y;
   const T* row = static_cast<const T*>(p.table) + static_cast<int64_t>(p.tokens[r]) * p.hidden;
   float* out = p.out + static_cast<int64_t>(r) * p.hidden;
@@ -24,6 +26,8 @@ __global__ void EmbeddingKernel(const __grid_constant__ EmbeddingParams p) {
 // One CTA per row: sum of squares in fp32 (block reduction), then the scaled store.
 template <typename T>
 __global__ void RmsNormKernel(const __grid_constant__ RmsNormParams p) {
+  GridDependencyWait();  // launched by LaunchPdl
+  GridDependentsMayLaunch();
   const int r = blockIdx.x;
   const int src = p.rows != nullptr ? p.rows[r] : r;
   const float* x = p.x + static_cast<int64_t>(src) * p.hidden;
@@ -52,6 +56,8 @@ __global__ void RmsNormKernel(const __grid_constant__ RmsNormParams p) {
 // the pass-through dims and V.
 template <typename T>
 __global__ void RopeKvAppendKernel(const __grid_constant__ RopeKvAppendParams p) {
+  GridDependencyWait();  // launched by LaunchPdl
+  GridDependentsMayLaunch();
   const int half = p.rope_dim / 2;
   const int r = blockIdx.y;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -97,6 +103,8 @@ __global__ void RopeKvAppendKernel(const __grid_constant__ RopeKvAppendParams p)
 
 template <typename T>
 __global__ void SwigluKernel(const __grid_constant__ SwigluParams p) {
+  GridDependencyWait();  // launched by LaunchPdl
+  GridDependentsMayLaunch();
   const int r = blockIdx.y;
   const T* gu = static_cast<const T*>(p.gate_up) + static_cast<int64_t>(r) * 2 * p.ffn;
   T* out = static_cast<T*>(p.out) + static_cast<int64_t>(r) * p.ffn;
@@ -109,6 +117,8 @@ __global__ void SwigluKernel(const __grid_constant__ SwigluParams p) {
 template <typename V>
 __global__ void CopyRowsKernel(const __grid_constant__ CopyRowsParams p, int64_t row_vecs,
                                int64_t array_vecs) {
+  GridDependencyWait();  // launched by LaunchPdl
+  GridDependentsMayLaunch();
   const int pair = blockIdx.y;
   const int a = blockIdx.z;
   V* base = static_cast<V*>(p.base) + a * array_vecs;
@@ -128,14 +138,14 @@ cudaError_t LaunchEmbedding(const EmbeddingParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.hidden <= 0 || p.rows > 65535) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
   dim3 grid(std::min(Blocks(p.hidden), 16), p.rows);
-  DEFT_DISPATCH_HALF(p.dtype, T, EmbeddingKernel<T><<<grid, kThreads, 0, stream>>>(p));
+  DEFT_DISPATCH_HALF(p.dtype, T, return LaunchPdl(EmbeddingKernel<T>, grid, kThreads, 0, stream, p));
   return LastLaunchError();
 }
 
 cudaError_t LaunchRmsNorm(const RmsNormParams& p, cudaStream_t stream) {
   if (p.num_rows < 0 || p.hidden <= 0) return cudaErrorInvalidValue;
   if (p.num_rows == 0) return cudaSuccess;
-  DEFT_DISPATCH_HALF(p.dtype, T, RmsNormKernel<T><<<p.num_rows, 1024, 0, stream>>>(p));
+  DEFT_DISPATCH_HALF(p.dtype, T, return LaunchPdl(RmsNormKernel<T>, p.num_rows, 1024, 0, stream, p));
   return LastLaunchError();
 }
 
@@ -149,7 +159,7 @@ cudaError_t LaunchRopeKvAppend(const RopeKvAppendParams& p, cudaStream_t stream)
   const int64_t per_row = std::max({heads * (p.rope_dim / 2), heads * (p.head_dim - p.rope_dim),
                                     int64_t{p.num_kv_heads} * p.head_dim});
   dim3 grid(Blocks(per_row), p.num_rows);
-  DEFT_DISPATCH_HALF(p.dtype, T, RopeKvAppendKernel<T><<<grid, kThreads, 0, stream>>>(p));
+  DEFT_DISPATCH_HALF(p.dtype, T, return LaunchPdl(RopeKvAppendKernel<T>, grid, kThreads, 0, stream, p));
   return LastLaunchError();
 }
 
@@ -157,7 +167,7 @@ cudaError_t LaunchSwiglu(const SwigluParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.ffn <= 0 || p.rows > 65535) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
   dim3 grid(std::min(Blocks(p.ffn), 64), p.rows);
-  DEFT_DISPATCH_HALF(p.dtype, T, SwigluKernel<T><<<grid, kThreads, 0, stream>>>(p));
+  DEFT_DISPATCH_HALF(p.dtype, T, return LaunchPdl(SwigluKernel<T>, grid, kThreads, 0, stream, p));
   return LastLaunchError();
 }
 
@@ -175,13 +185,15 @@ cudaError_t LaunchCopyRows(const CopyRowsParams& p, cudaStream_t stream) {
   dim3 grid(static_cast<unsigned>(std::min<int64_t>((row_units + kThreads - 1) / kThreads, 64)),
             p.num_pairs, p.num_arrays);
   if (vec) {
-    CopyRowsKernel<uint4><<<grid, kThreads, 0, stream>>>(p, row_units, array_bytes / unit);
-  } else if (bytes == 4) {
-    CopyRowsKernel<uint32_t><<<grid, kThreads, 0, stream>>>(p, row_units, array_bytes / unit);
-  } else {
-    CopyRowsKernel<uint16_t><<<grid, kThreads, 0, stream>>>(p, row_units, array_bytes / unit);
+    return LaunchPdl(CopyRowsKernel<uint4>, grid, kThreads, 0, stream, p, row_units,
+                     array_bytes / unit);
   }
-  return LastLaunchError();
+  if (bytes == 4) {
+    return LaunchPdl(CopyRowsKernel<uint32_t>, grid, kThreads, 0, stream, p, row_units,
+                     array_bytes / unit);
+  }
+  return LaunchPdl(CopyRowsKernel<uint16_t>, grid, kThreads, 0, stream, p, row_units,
+                   array_bytes / unit);
 }
 
 }  // namespace deft::kernels
