@@ -1,4 +1,5 @@
-// Next-token selection on the GPU from fp32 logits, one CTA per row, reproducing the CPU
+// Next-token selection on the GPU from fp32 logits, a cluster of 1-4 CTAs per row (as many as
+// the SMs hold for the step's rows), reproducing the CPU
 // Sampler (engine/sampler/sampler.cc) for temperature / top-k / top-p / min-p (no penalties):
 //  - temperature 0: greedy, the lowest id among equal maxima;
 //  - else p_i = expf((logit_i - max) / T) (fp32, as the CPU), total = sum in fp64; candidates in
@@ -6,7 +7,7 @@
 //    reaches top_p * total; min-p keeps those with p >= min_p * p_max; then u = Uniform(seed,
 //    step) * kept picks the first candidate whose running sum exceeds u (else the last).
 // The order is never materialised: each prefix boundary is found by an 8-ary search over the
-// key (p's fp32 bits, then id) with block-wide (count, fp64 sum) reductions of 7 prefixes per
+// key (p's fp32 bits, then id) with row-wide (count, fp64 sum) reductions of 7 prefixes per
 // pass over the row, ~17 passes per boundary (top_p = 1 needs none). Same seed + logits give the CPU's token; the two can differ only when a draw or
 // the top-p target lands within a few ulps of a boundary (expf vs glibc's expf, fp64 sums in
 // another order).

@@ -99,6 +99,11 @@ TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerWithTiedLogits) { Check(3000, 64
 
 TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerLlama3Vocab) { Check(128256, 24, kCases, false); }
 
+// Few rows: each row is split over a cluster of up to 4 CTAs (sampling.cu); a vocab that is not
+// a multiple of 4 takes the scalar loops.
+TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerFewRowsOddVocab) { Check(4999, 5, kCases, true); }
+TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerOneRow) { Check(128256, 1, kCases, false); }
+
 TEST_F(DeviceSamplingTest, RejectsMissingBuffers) {
   kernels::SampleParams p;
   p.rows = 1;
