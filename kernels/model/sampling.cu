@@ -107,6 +107,20 @@ __device__ void RowSums(Agg (&a)[kN], Agg (*scratch)[kThreads / 32], Agg* result
   for (int j = 0; j < kN; ++j) a[j] = result[j];
 }
 
+// (mx, arg) := the larger of itself and (v, a), the lower id among equal values.
+__device__ __forceinline__ void TakeMax(float v, int32_t a, float& mx, int32_t& arg) {
+  if (v > mx || (v == mx && a < arg)) {
+    mx = v;
+    arg = a;
+  }
+}
+// Every lane: the warp's max and its lowest id.
+__device__ __forceinline__ void WarpMax(float& mx, int32_t& arg) {
+  for (int o = 16; o > 0; o >>= 1) {
+    TakeMax(__shfl_xor_sync(0xffffffffu, mx, o), __shfl_xor_sync(0xffffffffu, arg, o), mx, arg);
+  }
+}
+
 __device__ Agg BlockSum(Agg a, Agg (*scratch)[kThreads / 32]) {
   Agg t[1] = {a};
   RowSums<1>(t, scratch, &scratch[kSplit - 1][0]);
@@ -303,20 +317,8 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
   // Max and first argmax of the raw logits.
   float mx = -INFINITY;
   int32_t arg = INT32_MAX;
-  ForEachEntry(logits, p.vocab, [&](int32_t i, float v) {
-    if (v > mx || (v == mx && i < arg)) {
-      mx = v;
-      arg = i;
-    }
-  });
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v = __shfl_xor_sync(0xffffffffu, mx, o);
-    const int32_t a = __shfl_xor_sync(0xffffffffu, arg, o);
-    if (v > mx || (v == mx && a < arg)) {
-      mx = v;
-      arg = a;
-    }
-  }
+  ForEachEntry(logits, p.vocab, [&](int32_t i, float v) { TakeMax(v, i, mx, arg); });
+  WarpMax(mx, arg);
   if (threadIdx.x % 32 == 0) {
     s_max[threadIdx.x / 32] = mx;
     s_arg[threadIdx.x / 32] = arg;
@@ -326,21 +328,10 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
     const int parked = static_cast<int>(cluster.num_blocks()) * (kThreads / 32);
     for (int e = threadIdx.x; e < parked; e += 32) {
       const int r = e / (kThreads / 32), w = e % (kThreads / 32);
-      const float v = cluster.map_shared_rank(&s_max[0], r)[w];
-      const int32_t a = cluster.map_shared_rank(&s_arg[0], r)[w];
-      if (v > mx || (v == mx && a < arg)) {
-        mx = v;
-        arg = a;
-      }
+      TakeMax(cluster.map_shared_rank(&s_max[0], r)[w], cluster.map_shared_rank(&s_arg[0], r)[w],
+              mx, arg);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float v = __shfl_xor_sync(0xffffffffu, mx, o);
-      const int32_t a = __shfl_xor_sync(0xffffffffu, arg, o);
-      if (v > mx || (v == mx && a < arg)) {
-        mx = v;
-        arg = a;
-      }
-    }
+    WarpMax(mx, arg);
   }
   // Warp 0's lanes all hold the row's max now; s_max[0] and s_arg[0] (this CTA's) take it once
   // every warp 0 lane of the cluster has read the parked values.
