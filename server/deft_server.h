@@ -4,8 +4,11 @@
 // before). Services: deft.v1.TreeService, deft.v1.ModelService, grpc.health.v1.Health and server
 // reflection.
 //
-// Shutdown(grace): stops accepting calls, lets open calls (Generate streams) finish for up to
-// `grace`, then cancels what is left (their engine generations are cancelled) and stops.
+// Shutdown(grace): health turns NOT_SERVING and new calls are refused (UNAVAILABLE "server is
+// shutting down"); the calls already open (Generate streams) run on for up to `grace`; once they
+// have all ended the connections stay up a little longer (kLinger, server/deft_server.cc) so that
+// their final statuses reach the clients; then the gRPC server stops, cancelling the calls still
+// open (their engine generations are cancelled).
 //
 // Thread safety: Shutdown and Wait may be called from any thread; the accessors too.
 #pragma once
@@ -25,6 +28,7 @@
 #include "absl/status/statusor.h"
 #include "engine/scheduler/tree_engine.h"
 #include "server/auth.h"
+#include "server/open_calls.h"
 #include "server/serving_state.h"
 
 namespace deft::server {
@@ -72,7 +76,7 @@ class DeftServer {
  public:
   // Listening when it returns; the model is loading.
   static absl::StatusOr<std::unique_ptr<DeftServer>> Start(ServerOptions options);
-  ~DeftServer();  // Shutdown with no grace if still running
+  ~DeftServer();  // Shutdown with no grace (open calls cancelled at once) if still running
 
   // The port it listens on.
   int port() const { return port_; }
@@ -94,6 +98,7 @@ class DeftServer {
   std::shared_ptr<ServingState> state_;
   std::unique_ptr<grpc::Service> tree_service_;
   std::unique_ptr<grpc::Service> model_service_;
+  std::shared_ptr<OpenCalls> open_calls_ = std::make_shared<OpenCalls>();
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::thread loader_;

@@ -1,7 +1,7 @@
 // deft-server: serves deft.v1.TreeService and deft.v1.ModelService over gRPC (plus
 // grpc.health.v1 and server reflection). Listens at once with health NOT_SERVING, loads the model
-// on a thread, then turns SERVING. SIGTERM/SIGINT: stop accepting, let open streams drain for
-// --shutdown_grace_seconds, then exit.
+// on a thread, then turns SERVING. SIGTERM/SIGINT: refuse new calls (UNAVAILABLE), let open
+// streams drain for --shutdown_grace_seconds, then exit (DeftServer::Shutdown).
 #include <grpcpp/security/server_credentials.h>
 #include <pthread.h>
 #include <signal.h>

@@ -1,6 +1,7 @@
 // ServingState: what the gRPC services share: the engine (absent until the model has loaded), the
-// request limits, the tree registry, the nodes now generating, how a call's owner is found, and
-// the API keys whose nodes/kv_blocks quotas the handlers enforce (server/quota.h).
+// request limits, the tree registry, the nodes now generating, how a call's owner is found, the
+// API keys whose nodes/kv_blocks quotas the handlers enforce (server/quota.h), and whether the
+// server is shutting down (every new call refused).
 //
 // Thread safety: every method may be called from any thread.
 #pragma once
@@ -83,10 +84,20 @@ class ServingState {
     return Ready{engine_, limits_};
   }
 
-  // Admits a call (see AuthorizeFn; without one every call is admitted with owner ""), then
-  // the engine as GetReady.
+  // Shutdown has begun (DeftServer::Shutdown): Begin refuses every call from now on.
+  void StartDraining() {
+    std::lock_guard<std::mutex> lock(mu_);
+    draining_ = true;
+  }
+
+  // Admits a call: UNAVAILABLE once draining, else as the authorizer says (see AuthorizeFn;
+  // without one every call is admitted with owner ""), then the engine as GetReady.
   absl::StatusOr<Call> Begin(const grpc::CallbackServerContext& context,
                              const std::string& method) const {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (draining_) return absl::UnavailableError("server is shutting down");
+    }
     Call call;
     if (authorize_) {
       grpc::Status s = authorize_(context, method, &call.owner);
@@ -134,6 +145,7 @@ class ServingState {
   mutable std::mutex mu_;
   RequestLimits limits_;
   std::shared_ptr<TreeEngine> engine_;
+  bool draining_ = false;
   absl::flat_hash_map<std::pair<TreeId, NodeId>, int> generating_;
   AuthorizeFn authorize_;
   ServerMetrics* metrics_;

@@ -1,16 +1,22 @@
 // DeftServer's life cycle with the real model (int8 path): graceful shutdown lets open streams
-// finish within the grace period and cancels them past it; idle trees expire after the TTL.
+// finish within the grace period (every one ending OK, however close to the drain's end) and
+// cancels them past it, refusing new calls meanwhile; idle trees expire after the TTL.
+#include <grpc/grpc.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
 #include <future>
 #include <sstream>
 #include <thread>
+#include <utility>
+#include <vector>
 
+#include "deft/v1/model_service.grpc.pb.h"
 #include "deft/v1/tree_service.grpc.pb.h"
 #include "server/deft_server.h"
 
@@ -32,9 +38,16 @@ std::unique_ptr<DeftServer> StartServer(std::chrono::seconds ttl) {
   return std::move(*s);
 }
 
+// `own_connection`: a TCP connection of its own (channels with equal arguments share one).
+std::shared_ptr<grpc::Channel> Channel(const DeftServer& server, bool own_connection = false) {
+  grpc::ChannelArguments args;
+  if (own_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(server.port()),
+                                   grpc::InsecureChannelCredentials(), args);
+}
+
 std::unique_ptr<pb::TreeService::Stub> Connect(const DeftServer& server) {
-  return pb::TreeService::NewStub(grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()),
-                                                      grpc::InsecureChannelCredentials()));
+  return pb::TreeService::NewStub(Channel(server));
 }
 
 pb::CreateTreeResponse CreateTree(pb::TreeService::Stub& stub) {
@@ -83,6 +96,110 @@ TEST(ServerLifecycleTest, ShutdownLetsOpenStreamsFinishWithinTheGrace) {
   grpc::ClientContext lctx;
   lctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
   EXPECT_FALSE(stub->ListTrees(&lctx, pb::ListTreesRequest(), &list).ok());
+}
+
+// Streams on connections of their own, ending one engine step after another while Shutdown
+// drains: each client must get all its tokens, the finish event and then OK. (grpc::Server's own
+// drain closed each connection as soon as its last call's trailers were handed to the transport,
+// racing the client's receipt of them: UNAVAILABLE "Broken pipe" after a complete stream.)
+TEST(ServerLifecycleTest, StreamsEndingDuringTheDrainAllEndOk) {
+  constexpr int kStreams = 32;
+  auto server = StartServer(std::chrono::seconds(0));
+  struct Stream {
+    std::unique_ptr<pb::TreeService::Stub> stub;
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReader<pb::GenerateEvent>> reader;
+    int max_tokens = 0;
+    int tokens = 0;
+    bool finished = false;
+    grpc::Status status;
+  };
+  std::vector<Stream> streams(kStreams);
+  for (int i = 0; i < kStreams; ++i) {
+    Stream& s = streams[i];
+    s.stub = pb::TreeService::NewStub(Channel(*server, /*own_connection=*/true));
+    s.max_tokens = 2 + i / 2;  // two streams end at each engine step
+    s.reader = s.stub->Generate(&s.ctx, GreedyRequest(CreateTree(*s.stub), s.max_tokens));
+  }
+  std::vector<std::thread> readers;
+  std::atomic<int> started{0};
+  for (Stream& s : streams) {
+    readers.emplace_back([&s, &started] {
+      pb::GenerateEvent e;
+      bool first = true;
+      while (s.reader->Read(&e)) {
+        if (std::exchange(first, false)) started.fetch_add(1);
+        s.tokens += e.has_token() && e.token().token_id() >= 0;
+        s.finished |= e.has_finish() && e.finish().reason() == pb::FINISH_REASON_LENGTH;
+      }
+      if (first) started.fetch_add(1);
+      s.status = s.reader->Finish();
+    });
+  }
+  while (started.load() < kStreams) std::this_thread::sleep_for(milliseconds(1));
+  const auto start = std::chrono::steady_clock::now();
+  server->Shutdown(std::chrono::seconds(30));
+  const auto shutdown_took = std::chrono::steady_clock::now() - start;
+  for (std::thread& t : readers) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    const Stream& s = streams[i];
+    EXPECT_TRUE(s.status.ok()) << "stream " << i << ": " << s.status.error_code() << " "
+                               << s.status.error_message();
+    EXPECT_EQ(s.tokens, s.max_tokens) << "stream " << i;
+    EXPECT_TRUE(s.finished) << "stream " << i;
+  }
+  // The drain ended with the streams, not at the grace's end.
+  EXPECT_LT(shutdown_took, std::chrono::seconds(10));
+}
+
+// How the server answers a call that arrives while it shuts down.
+void ExpectShuttingDown(const grpc::Status& s, const char* call) {
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << call;
+  EXPECT_EQ(s.error_message(), "server is shutting down") << call;
+}
+
+// A call that arrives while Shutdown drains open streams is refused at once with UNAVAILABLE, on
+// every service, while the open stream goes on until the grace ends.
+TEST(ServerLifecycleTest, CallsArrivingDuringTheDrainAreUnavailable) {
+  auto server = StartServer(std::chrono::seconds(0));
+  std::shared_ptr<grpc::Channel> channel = Channel(*server);
+  auto stub = pb::TreeService::NewStub(channel);
+  auto model = pb::ModelService::NewStub(channel);
+  pb::CreateTreeResponse tree = CreateTree(*stub);
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, GreedyRequest(tree, 1000));
+  pb::GenerateEvent e;
+  ASSERT_TRUE(reader->Read(&e));
+  std::thread shutdown([&] { server->Shutdown(std::chrono::seconds(2)); });
+  // Each call below must be answered well before its deadline (no hang).
+  auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(2); };
+  grpc::Status list_status;
+  for (int i = 0; i < 200 && list_status.ok(); ++i) {
+    pb::ListTreesResponse list;
+    grpc::ClientContext lctx;
+    lctx.set_deadline(deadline());
+    list_status = stub->ListTrees(&lctx, pb::ListTreesRequest(), &list);
+    if (list_status.ok()) std::this_thread::sleep_for(milliseconds(10));
+  }
+  ExpectShuttingDown(list_status, "ListTrees");
+
+  grpc::ClientContext gctx;
+  gctx.set_deadline(deadline());
+  auto second = stub->Generate(&gctx, GreedyRequest(tree, 4));
+  EXPECT_FALSE(second->Read(&e));
+  ExpectShuttingDown(second->Finish(), "Generate");
+
+  pb::ModelInfo info;
+  grpc::ClientContext mctx;
+  mctx.set_deadline(deadline());
+  ExpectShuttingDown(model->GetModelInfo(&mctx, pb::GetModelInfoRequest(), &info), "GetModelInfo");
+
+  // The open stream is still generating, then cancelled at the grace's end.
+  int tokens = 0;
+  while (reader->Read(&e)) tokens += e.has_token();
+  EXPECT_GT(tokens, 0);
+  EXPECT_FALSE(reader->Finish().ok());
+  shutdown.join();
 }
 
 TEST(ServerLifecycleTest, ShutdownCancelsStreamsStillOpenAfterTheGrace) {
