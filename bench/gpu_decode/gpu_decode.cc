@@ -36,6 +36,8 @@
 #include "engine/attention/workload_forest.h"
 #include "engine/gpu/device_kv_storage.h"
 #include "engine/gpu/gpu_backend.h"
+#include "engine/sampler/sampler.h"
+#include "engine/util/thread_pool.h"
 #include "kernels/model/weight_kernels.h"
 
 ABSL_FLAG(std::string, model, "synthetic:llama3-8b", "synthetic model name");
@@ -158,7 +160,8 @@ int Run() {
   cost.num_kv_heads = static_cast<int32_t>(c.num_kv_heads);
   cost.head_dim = static_cast<int32_t>(c.head_dim);
   const std::vector<std::string> modes = absl::StrSplit(absl::GetFlag(FLAGS_modes), ',');
-  std::vector<std::string> breakdowns, growing;
+  std::vector<std::string> breakdowns, growing, served;
+  ThreadPool sampling_pool(0);  // one thread per core, as TreeEngine's sampling_threads = 0
   for (const Workload& w : workloads) {
     const WorkloadForest& f = w.forest;
     const auto slots = f.ContiguousSlots(0);
@@ -225,6 +228,50 @@ int Run() {
           return 1;
         }
         if (i >= 1) sample_t.push_back(Seconds(a, Clock::now()));
+      }
+      // A served step as TreeEngine runs it (CUDA graphs on, every row sampled at temperature
+      // 1): the logits copied into a fresh host vector and each row drawn by its branch's
+      // Sampler on a pool of one thread per core, against the rows drawn on the device with
+      // only their tokens and log-probabilities copied back (StepSampling).
+      {
+        gpu.set_cuda_graphs(true);
+        std::vector<Sampler> samplers;
+        StepSampling sampling;
+        sampling.need_logits = false;
+        for (size_t r = 0; r < rows.size(); ++r) {
+          SamplingParams sp;
+          sp.seed = rng();
+          samplers.emplace_back(sp, std::span<const int32_t>());
+          sampling.rows.push_back({static_cast<int32_t>(r), 1.f, 0, 1.f, 0.f, sp.seed, 0});
+        }
+        std::vector<double> host_t, device_t;
+        for (int i = 0; i < 3 + absl::GetFlag(FLAGS_reps); ++i) {
+          for (bool device : {false, true}) {
+            const auto a = Clock::now();
+            std::vector<float> logits;
+            absl::Status s = gpu.ForwardStep(step, pool, plan, &logits,
+                                             device ? &sampling : nullptr);
+            if (s.ok() && !device) {
+              sampling_pool.ParallelFor(
+                  static_cast<int64_t>(rows.size()), 1, [&](int, int64_t b, int64_t e) {
+                    for (int64_t r = b; r < e; ++r) {
+                      samplers[r].Sample(std::span<const float>(
+                          logits.data() + r * c.vocab_size, static_cast<size_t>(c.vocab_size)));
+                    }
+                  });
+            }
+            if (!s.ok() || (device && !sampling.sampled)) {
+              std::fprintf(stderr, "served step: %s\n", s.ToString().c_str());
+              return 1;
+            }
+            if (i >= 3) (device ? device_t : host_t).push_back(Seconds(a, Clock::now()));
+          }
+        }
+        gpu.set_cuda_graphs(false);
+        served.push_back(absl::StrFormat("| %s | %s | %zu | %.2f | %.2f | %.2fx |", w.name,
+                                         mode_name, rows.size(), Median(host_t) * 1e3,
+                                         Median(device_t) * 1e3,
+                                         Median(host_t) / Median(device_t)));
       }
       // Device time per phase of one more step, events between the phases.
       gpu.set_profiling(true);
@@ -326,6 +373,11 @@ int Run() {
         "|---|---|---|---|---|---|---|---|\n");
     for (const std::string& line : growing) std::printf("%s\n", line.c_str());
   }
+  std::printf(
+      "\nServed step (CUDA graphs; every row sampled at temperature 1, as TreeEngine does it; "
+      "median):\n\n| workload | mode | rows | step + logits to host + host Samplers ms | step + "
+      "device sampling ms | speedup |\n|---|---|---|---|---|---|\n");
+  for (const std::string& line : served) std::printf("%s\n", line.c_str());
   std::printf("\nDevice ms per phase of one step (events between phases, all layers):\n");
   for (const std::string& b : breakdowns) std::printf("- %s\n", b.c_str());
   return 0;

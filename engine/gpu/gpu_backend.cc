@@ -377,16 +377,84 @@ absl::StatusOr<std::vector<std::pair<std::string, double>>> GpuBackend::LastStep
 }
 
 absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool,
-                                     const PartitionPlan& plan, std::vector<float>* logits) {
+                                     const PartitionPlan& plan, std::vector<float>* logits,
+                                     StepSampling* sampling) {
   DEFT_RETURN_IF_ERROR(ForwardStepOnDevice(step, kv_pool, plan));
-  logits->resize(static_cast<size_t>(step_rows_ * config_.vocab_size));
-  if (step_rows_ > 0) {
+  const bool here = sampling != nullptr && options_.device_sampling && !sampling->rows.empty();
+  if (here) {
+    std::vector<kernels::SampleRowParams> params(sampling->rows.size());
+    std::vector<int32_t> rows(sampling->rows.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const StepSampling::Row& r = sampling->rows[i];
+      params[i] = {r.temperature, r.top_k, r.top_p, r.min_p, r.seed, r.step};
+      rows[i] = r.logit_row;
+    }
+    sampling->tokens.resize(params.size());
+    sampling->logprobs.resize(params.size());
+    DEFT_RETURN_IF_ERROR(
+        EnqueueSample(params, rows, sampling->tokens.data(), sampling->logprobs.data()));
+  }
+  if ((!here || sampling->need_logits) && step_rows_ > 0) {
+    logits->resize(static_cast<size_t>(step_rows_ * config_.vocab_size));
     DEFT_RETURN_IF_ERROR(
         CudaStatus(cudaMemcpyAsync(logits->data(), logits_.get(), logits->size() * sizeof(float),
                                    cudaMemcpyDeviceToHost, stream_),
                    "logits download"));
   }
-  return CudaStatus(cudaStreamSynchronize(stream_), "GPU step");
+  DEFT_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "GPU step"));
+  if (here) {
+    sampling->sampled = true;
+    device_sampled_rows_ += static_cast<int64_t>(sampling->rows.size());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParams>& rows,
+                                       const std::vector<int32_t>& logit_rows, int32_t* tokens,
+                                       float* logprobs) {
+  const int32_t vocab = static_cast<int32_t>(config_.vocab_size);
+  const int32_t n = static_cast<int32_t>(rows.size());
+  for (int32_t r : logit_rows) {
+    if (r < 0 || r >= step_rows_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sampling logit row ", r, " of ", step_rows_));
+    }
+  }
+  const size_t params_bytes = rows.size() * sizeof(kernels::SampleRowParams);
+  const size_t rows_bytes = logit_rows.size() * sizeof(int32_t);
+  DEFT_RETURN_IF_ERROR(sample_params_.Reserve(params_bytes + rows_bytes));
+  DEFT_RETURN_IF_ERROR(sample_tokens_.Reserve(rows.size() * 8));
+  DEFT_RETURN_IF_ERROR(sample_workspace_.Reserve(kernels::SampleWorkspaceBytes(n, vocab)));
+  DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(sample_params_.get(), rows.data(), params_bytes,
+                                                  cudaMemcpyHostToDevice, stream_),
+                                  "sampling parameters"));
+  const int32_t* d_rows = nullptr;
+  if (!logit_rows.empty()) {
+    d_rows = reinterpret_cast<const int32_t*>(sample_params_.as<uint8_t>() + params_bytes);
+    DEFT_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(const_cast<int32_t*>(d_rows), logit_rows.data(), rows_bytes,
+                                   cudaMemcpyHostToDevice, stream_),
+                   "sampling rows"));
+  }
+  float* d_logprobs = logprobs != nullptr ? sample_tokens_.as<float>() + rows.size() : nullptr;
+  kernels::SampleParams p{logits_.as<float>(),
+                          sample_params_.as<kernels::SampleRowParams>(),
+                          sample_tokens_.as<int32_t>(),
+                          d_logprobs,
+                          sample_workspace_.as<float>(),
+                          n,
+                          vocab,
+                          d_rows};
+  DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchSample(p, stream_), "sampling"));
+  DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(tokens, sample_tokens_.get(), rows.size() * 4,
+                                                  cudaMemcpyDeviceToHost, stream_),
+                                  "sampled tokens"));
+  if (logprobs != nullptr) {
+    DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(logprobs, d_logprobs, rows.size() * 4,
+                                                    cudaMemcpyDeviceToHost, stream_),
+                                    "sampled log-probabilities"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int32_t>> GpuBackend::SampleOnDevice(
@@ -397,27 +465,7 @@ absl::StatusOr<std::vector<int32_t>> GpuBackend::SampleOnDevice(
   }
   std::vector<int32_t> tokens(rows.size());
   if (rows.empty()) return tokens;
-  const int32_t vocab = static_cast<int32_t>(config_.vocab_size);
-  const int32_t n = static_cast<int32_t>(rows.size());
-  DEFT_RETURN_IF_ERROR(sample_params_.Reserve(rows.size() * sizeof(kernels::SampleRowParams)));
-  DEFT_RETURN_IF_ERROR(sample_tokens_.Reserve(rows.size() * 4));
-  DEFT_RETURN_IF_ERROR(sample_workspace_.Reserve(kernels::SampleWorkspaceBytes(n, vocab)));
-  DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(sample_params_.get(), rows.data(),
-                                                  rows.size() * sizeof(kernels::SampleRowParams),
-                                                  cudaMemcpyHostToDevice, stream_),
-                                  "sampling parameters"));
-  kernels::SampleParams p{logits_.as<float>(),
-                          sample_params_.as<kernels::SampleRowParams>(),
-                          sample_tokens_.as<int32_t>(),
-                          nullptr,
-                          sample_workspace_.as<float>(),
-                          n,
-                          vocab};
-  DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchSample(p, stream_), "sampling"));
-  DEFT_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpyAsync(tokens.data(), sample_tokens_.get(), tokens.size() * 4,
-                                 cudaMemcpyDeviceToHost, stream_),
-                 "sampled tokens"));
+  DEFT_RETURN_IF_ERROR(EnqueueSample(rows, {}, tokens.data(), nullptr));
   DEFT_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "sampling"));
   return tokens;
 }

@@ -55,6 +55,10 @@ struct GpuBackendOptions {
   // cut, partial states and merge order for a query whatever else is in the step).
   bool batch_invariant = false;
   int32_t invariant_chunk_tokens = 256;
+  // Sample the rows ForwardStep is asked to (StepSampling) on the device (sampling.h), so that
+  // only their tokens come back to the host instead of [rows, vocab] fp32 logits sampled on the
+  // CPU. Off: ForwardStep leaves them to the caller.
+  bool device_sampling = true;
 };
 
 class GpuBackend : public StepBackend {
@@ -73,8 +77,10 @@ class GpuBackend : public StepBackend {
   std::string_view name() const override { return "cuda"; }
   KvStorageFactory kv_storage() override;
   int64_t KvPoolBlocks(const KvPoolShape& shape, int64_t requested_bytes) override;
+  // With `sampling` (and options.device_sampling) its rows are sampled on the device; the
+  // logits are copied to the host only where sampling->need_logits (or nothing samples here).
   absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool, const PartitionPlan& plan,
-                           std::vector<float>* logits) override;
+                           std::vector<float>* logits, StepSampling* sampling = nullptr) override;
   // Chunk sizes for the GPU kernels (GpuChunkChooser: the cost model of gpu_chunking.h, chosen
   // again when the step's shape moves), the mode and IO accounting of planner.options().
   absl::Status Plan(PartitionPlanner& planner, std::span<const PlanSegment> segments,
@@ -100,6 +106,8 @@ class GpuBackend : public StepBackend {
   void set_profiling(bool on) { profile_ = on; }
   absl::StatusOr<std::vector<std::pair<std::string, double>>> LastStepPhases();
   int64_t graph_captures() const { return graph_captures_; }
+  // Rows ForwardStep sampled on the device (StepSampling), since the backend was made.
+  int64_t device_sampled_rows() const { return device_sampled_rows_; }
   int64_t graph_replays() const { return graph_replays_; }
   const LlamaConfig& config() const { return config_; }
   const DeviceWeights& weights() const { return *weights_; }
@@ -113,6 +121,12 @@ class GpuBackend : public StepBackend {
   // Queues every launch of the step (inputs and plan already uploaded).
   absl::Status EnqueueStep(const DeviceKvStorage& kv, int64_t n, int64_t rows);
   void ClearGraphs();
+  // Queues the sampling of rows.size() rows of the last step's logits (row r: logit row
+  // logit_rows[r], or r when logit_rows is empty) and the copies of their tokens (and
+  // log-probabilities, when `logprobs` is not null) to the host; the caller synchronizes.
+  absl::Status EnqueueSample(const std::vector<kernels::SampleRowParams>& rows,
+                             const std::vector<int32_t>& logit_rows, int32_t* tokens,
+                             float* logprobs);
   absl::Status Mark(const char* phase);  // records a profiling event when profiling
   absl::Status Gemm(const void* w, const void* x, void* y, int64_t m, int64_t n, int64_t k,
                     kernels::Dtype out, bool accumulate);
@@ -139,6 +153,7 @@ class GpuBackend : public StepBackend {
   // Activations (grown to the largest step seen).
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, ffn_, logits_;
   DeviceBuffer sample_params_, sample_tokens_, sample_workspace_;
+  int64_t device_sampled_rows_ = 0;
   // Captured steps, oldest first.
   struct GraphKey {
     int64_t n, rows, mode;

@@ -153,7 +153,8 @@ absl::Status LlamaModel::Forward(std::span<const int32_t> tokens, KvCache& cache
 }
 
 absl::Status LlamaModel::ForwardStep(const StepInput& step, KvBlockPool& kv_pool,
-                                     const PartitionPlan& plan, std::vector<float>* logits) {
+                                     const PartitionPlan& plan, std::vector<float>* logits,
+                                     StepSampling* sampling) {
   const LlamaConfig& c = model_->config;
   if (absl::Status s = CheckTokens(step.tokens); !s.ok()) return s;
   const int64_t n = static_cast<int64_t>(step.tokens.size());
@@ -184,7 +185,16 @@ absl::Status LlamaModel::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
       return absl::InvalidArgumentError(absl::StrFormat("logit row %d of %d tokens", r, n));
     }
   }
-  if (backend_ != nullptr) return backend_->ForwardStep(step, kv_pool, plan, logits);
+  if (sampling != nullptr) {
+    sampling->sampled = false;
+    for (const StepSampling::Row& r : sampling->rows) {
+      if (r.logit_row < 0 || r.logit_row >= static_cast<int64_t>(step.logit_rows.size())) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "sampling row %d of %d logit rows", r.logit_row, step.logit_rows.size()));
+      }
+    }
+  }
+  if (backend_ != nullptr) return backend_->ForwardStep(step, kv_pool, plan, logits, sampling);
   if (kv_pool.storage().host_data() == nullptr) {
     return absl::FailedPreconditionError("the KV pool's storage is not in host memory");
   }

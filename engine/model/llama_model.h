@@ -68,9 +68,11 @@ class LlamaModel {
   // logits: [logit_rows.size(), vocab], one row per listed token index.
   // Runs on the step backend when one is set (SetStepBackend), else on the CPU; `kv_pool` must
   // come from NewKvPool (FAILED_PRECONDITION when its storage is not the backend's).
+  // `sampling` (optional, StepSampling): rows a backend may sample itself; the CPU leaves them
+  // to the caller (sampled = false).
   using StepInput = ::deft::StepInput;
   absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool, const PartitionPlan& plan,
-                           std::vector<float>* logits);
+                           std::vector<float>* logits, StepSampling* sampling = nullptr);
 
   // Plans a step for the current backend (StepBackend::Plan; the CPU: planner.Plan).
   absl::Status PlanStep(PartitionPlanner& planner, std::span<const PlanSegment> segments,

@@ -29,6 +29,31 @@ struct StepInput {
   std::span<const int32_t> logit_rows;
 };
 
+// Rows of a step that its backend may sample next to the logits (StepBackend::ForwardStep's
+// optional `sampling`; the rows' samplers are Sampler::Plain, so each draw is a function of the
+// logits row, the settings and the draw's index). A backend that does so fills tokens and
+// logprobs (one per row, as Sampler::Sample would choose and report them) and sets `sampled`;
+// one that does not leaves `sampled` false and the caller samples from `logits`. When
+// `need_logits` is false and the backend sampled, `logits` may be left untouched (a GPU then
+// copies nothing but the tokens to the host).
+struct StepSampling {
+  struct Row {
+    int32_t logit_row = 0;  // index into StepInput::logit_rows
+    float temperature = 1.f;
+    int32_t top_k = 0;
+    float top_p = 1.f;
+    float min_p = 0.f;
+    uint64_t seed = 0;
+    uint64_t step = 0;  // the sampler's draw index (Sampler::steps())
+  };
+  std::vector<Row> rows;
+  bool need_logits = true;
+  // Out.
+  bool sampled = false;
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+};
+
 class StepBackend {
  public:
   virtual ~StepBackend() = default;
@@ -46,8 +71,10 @@ class StepBackend {
   }
   // Runs the step. REQUIRES: the inputs passed LlamaModel::ForwardStep's validation and
   // `kv_pool`'s storage came from kv_storage().
+  // `sampling` (optional): rows the backend may sample itself (StepSampling).
   virtual absl::Status ForwardStep(const StepInput& step, KvBlockPool& kv_pool,
-                                   const PartitionPlan& plan, std::vector<float>* logits) = 0;
+                                   const PartitionPlan& plan, std::vector<float>* logits,
+                                   StepSampling* sampling = nullptr) = 0;
 };
 
 }  // namespace deft

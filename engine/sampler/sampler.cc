@@ -222,15 +222,27 @@ SampledToken Sampler::Sample(std::span<const float> logits) {
     chosen = LastOf(std::span<const int32_t>(order_.data(), std::min(m, n)), better);
   }
 
-  SampledToken out;
-  out.id = chosen;
   // At temperature 1 without penalties work_ already holds exp(logit - max) and total its sum.
-  out.logprob = raw_total > 0 ? static_cast<float>(logits[chosen] - (raw_max + std::log(raw_total)))
-                              : LogSoftmaxAt(logits, chosen);
+  SampledToken out =
+      Record(chosen, raw_total > 0
+                         ? static_cast<float>(logits[chosen] - (raw_max + std::log(raw_total)))
+                         : LogSoftmaxAt(logits, chosen));
   if (p.top_logprobs > 0) out.top = TopLogprobs(logits, p.top_logprobs);
-  ++output_counts_[chosen];
-  if (p.repetition_penalty != 1.f) seen_[chosen] = true;
+  return out;
+}
+
+bool Sampler::Plain() const {
+  return params_.repetition_penalty == 1.f && params_.frequency_penalty == 0.f &&
+         params_.presence_penalty == 0.f && params_.top_logprobs == 0;
+}
+
+SampledToken Sampler::Record(int32_t id, float logprob) {
+  ++output_counts_[id];
+  if (params_.repetition_penalty != 1.f) seen_[id] = true;
   ++step_;
+  SampledToken out;
+  out.id = id;
+  out.logprob = logprob;
   return out;
 }
 

@@ -65,6 +65,15 @@ class Sampler {
   SampledToken Sample(std::span<const float> logits);
 
   int64_t steps() const { return step_; }
+  const SamplingParams& params() const { return params_; }
+
+  // Whether the next draw depends only on the logits, params() and steps(): no penalties (they
+  // need the sampler's history) and no alternatives to report. Such a draw may be made by a
+  // backend next to the logits (kernels/model/sampling.h reproduces Sample) and handed to Record.
+  bool Plain() const;
+  // Records `id`, chosen for this sampler's next step elsewhere (a backend's draw, as Sample would
+  // have made it), exactly as Sample records its own choice; returns it with `logprob`.
+  SampledToken Record(int32_t id, float logprob);
 
   // The uniform number in [0, 1) drawn at `step` for `seed` (exposed for backends and tests).
   static double Uniform(uint64_t seed, uint64_t step);

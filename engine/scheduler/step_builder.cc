@@ -74,13 +74,14 @@ int32_t StepBuilder::Logits(int32_t row) {
 }
 
 absl::Status StepBuilder::Run(PartitionPlanner& planner, PartitionPlan* plan, LlamaModel& model,
-                              KvBlockPool& pool, std::vector<float>* logits) {
+                              KvBlockPool& pool, std::vector<float>* logits,
+                              StepSampling* sampling) {
   std::vector<PlanSegment> segments(seg_slots_.size());
   for (size_t i = 0; i < segments.size(); ++i) segments[i] = {seg_parent_[i], seg_slots_[i]};
   absl::Status s = model.PlanStep(planner, segments, queries_, plan);
   if (!s.ok()) return s;
   LlamaModel::StepInput step{tokens_, positions_, kv_slots_, logit_rows_};
-  return model.ForwardStep(step, pool, *plan, logits);
+  return model.ForwardStep(step, pool, *plan, logits, sampling);
 }
 
 }  // namespace deft

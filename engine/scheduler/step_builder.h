@@ -66,9 +66,11 @@ class StepBuilder {
   int64_t num_tokens() const { return static_cast<int64_t>(tokens_.size()); }
   bool empty() const { return tokens_.empty(); }
 
-  // Plans the step and runs it: *logits gets [number of Logits() rows, vocab].
+  // Plans the step and runs it: *logits gets [number of Logits() rows, vocab] (see
+  // LlamaModel::ForwardStep for `sampling`).
   absl::Status Run(PartitionPlanner& planner, PartitionPlan* plan, LlamaModel& model,
-                   KvBlockPool& pool, std::vector<float>* logits);
+                   KvBlockPool& pool, std::vector<float>* logits,
+                   StepSampling* sampling = nullptr);
 
  private:
   using Key = NodeKey;

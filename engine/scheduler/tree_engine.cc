@@ -610,8 +610,23 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   for (const VerifyRider& r : riders) inflight_verify_tips_.insert({r.job->tree, r.job->node});
   lock.unlock();
   if (options_.before_unlocked_forward) options_.before_unlocked_forward();
+  // Branches whose draw depends on the logits alone (Sampler::Plain) may be sampled by the
+  // backend next to the logits (the GPU: only their tokens come back); the host needs the logits
+  // for the rest and for the verifications.
+  StepSampling sampling;
+  sampling.need_logits = !riders.empty();
+  for (size_t i = 0; i < needs.size(); ++i) {
+    const Sampler& sm = *needs[i].branch->sampler;
+    if (!sm.Plain()) {
+      sampling.need_logits = true;
+      continue;
+    }
+    const SamplingParams& sp = sm.params();
+    sampling.rows.push_back({need_rows[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
+                             static_cast<uint64_t>(sm.steps())});
+  }
   std::vector<float> logits;
-  absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits);
+  absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits, &sampling);
   lock.lock();
   step_in_flight_ = false;
   inflight_verify_tips_.clear();
@@ -646,9 +661,19 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   const double now = NowSeconds();
   // The rows are sampled side by side (each branch has its own sampler), then handled in order.
   std::vector<SampledToken> sampled(needs.size());
+  std::vector<size_t> on_host;  // needs sampled here
+  for (size_t i = 0, d = 0; i < needs.size(); ++i) {
+    if (sampling.sampled && needs[i].branch->sampler->Plain()) {
+      sampled[i] = needs[i].branch->sampler->Record(sampling.tokens[d], sampling.logprobs[d]);
+      ++d;
+    } else {
+      on_host.push_back(i);
+    }
+  }
   sampling_pool_->ParallelFor(
-      static_cast<int64_t>(needs.size()), 1, [&](int, int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
+      static_cast<int64_t>(on_host.size()), 1, [&](int, int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const size_t i = on_host[static_cast<size_t>(k)];
           std::span<const float> row(logits.data() + need_rows[i] * vocab,
                                      static_cast<size_t>(vocab));
           sampled[i] = needs[i].branch->sampler->Sample(row);

@@ -312,7 +312,8 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
   cg::cluster_group cluster = cg::this_cluster();
   const int row = blockIdx.x / static_cast<int>(cluster.num_blocks());
   const SampleRowParams rp = p.row_params[row];
-  const float* logits = p.logits + static_cast<int64_t>(row) * p.vocab;
+  const int32_t logit_row = p.logit_rows != nullptr ? p.logit_rows[row] : row;
+  const float* logits = p.logits + static_cast<int64_t>(logit_row) * p.vocab;
 
   // Max and first argmax of the raw logits.
   float mx = -INFINITY;

@@ -31,13 +31,15 @@ struct SampleRowParams {
 };
 
 struct SampleParams {
-  const float* logits = nullptr;                // [rows, vocab], row stride `vocab`
+  const float* logits = nullptr;                // [*, vocab], row stride `vocab`
   const SampleRowParams* row_params = nullptr;  // [rows], device
   int32_t* out_tokens = nullptr;                // [rows]
   float* out_logprobs = nullptr;                // [rows], may be null
   float* workspace = nullptr;                   // SampleWorkspaceBytes(rows, vocab)
   int32_t rows = 0;
   int32_t vocab = 0;
+  // Optional [rows], device: output r samples logits row logit_rows[r] (else row r).
+  const int32_t* logit_rows = nullptr;
 };
 
 size_t SampleWorkspaceBytes(int32_t rows, int32_t vocab);

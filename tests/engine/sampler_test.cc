@@ -226,6 +226,44 @@ TEST(Sampler, LogprobsAreRawLogSoftmax) {
   EXPECT_EQ(t.top[0].id, std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
 
+// A draw made elsewhere and handed to Record leaves the sampler where Sample would have: the
+// next draws, penalties included, are the same.
+TEST(Sampler, RecordAdvancesLikeSample) {
+  auto logits = RandomLogits(500, 6);
+  SamplingParams p;
+  p.temperature = 0.9f;
+  p.top_p = 0.95f;
+  p.seed = 11;
+  p.repetition_penalty = 1.3f;
+  p.frequency_penalty = 0.4f;
+  std::vector<int32_t> prompt = {3, 4};
+  Sampler a(p, prompt), b(p, prompt);
+  for (int i = 0; i < 20; ++i) {
+    const SampledToken want = a.Sample(logits);
+    const SampledToken got = i % 2 == 0 ? b.Record(want.id, want.logprob) : b.Sample(logits);
+    EXPECT_EQ(got.id, want.id) << "draw " << i;
+    EXPECT_EQ(got.logprob, want.logprob) << "draw " << i;
+    EXPECT_EQ(b.steps(), a.steps());
+  }
+}
+
+TEST(Sampler, PlainOnlyWithoutPenaltiesOrAlternatives) {
+  SamplingParams p;
+  p.temperature = 0.7f;
+  p.top_k = 40;
+  p.top_p = 0.9f;
+  p.min_p = 0.05f;
+  EXPECT_TRUE(Sampler(p, {}).Plain());
+  for (int f = 0; f < 4; ++f) {
+    SamplingParams q = p;
+    if (f == 0) q.repetition_penalty = 1.1f;
+    if (f == 1) q.frequency_penalty = 0.1f;
+    if (f == 2) q.presence_penalty = -0.1f;
+    if (f == 3) q.top_logprobs = 2;
+    EXPECT_FALSE(Sampler(q, {}).Plain()) << f;
+  }
+}
+
 TEST(SamplingParams, ValidateNamesTheField) {
   auto msg = [](auto mutate) {
     SamplingParams p;

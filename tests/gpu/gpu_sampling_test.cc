@@ -33,7 +33,9 @@ class DeviceSamplingTest : public ::testing::Test {
 
   // Runs `rows` rows of random logits with per-row params; each row r uses cases[r % size], a
   // fresh seed and step r % 5; compares with the CPU Sampler (advanced to that step).
-  void Check(int32_t vocab, int rows, const std::vector<Case>& cases, bool ties) {
+  // gather: output r samples logits row r / 2 (each row drawn twice, with different params).
+  void Check(int32_t vocab, int rows, const std::vector<Case>& cases, bool ties,
+             bool gather = false) {
     std::mt19937_64 rng(std::random_device{}());
     std::normal_distribution<float> normal(0.f, 3.f);
     std::vector<float> logits(size_t(rows) * vocab);
@@ -45,6 +47,9 @@ class DeviceSamplingTest : public ::testing::Test {
     }
     DeviceBuffer d_logits = Upload(logits), d_params = Upload(params);
     DeviceBuffer d_tokens = Poisoned(rows * 4), d_lp = Poisoned(rows * 4);
+    std::vector<int32_t> logit_rows(rows);
+    for (int r = 0; r < rows; ++r) logit_rows[r] = gather ? r / 2 : r;
+    DeviceBuffer d_rows = Upload(logit_rows);
     DeviceBuffer d_ws;
     ASSERT_TRUE(d_ws.Reserve(kernels::SampleWorkspaceBytes(rows, vocab)).ok());
     kernels::SampleParams p{d_logits.as<float>(),
@@ -53,7 +58,8 @@ class DeviceSamplingTest : public ::testing::Test {
                             d_lp.as<float>(),
                             d_ws.as<float>(),
                             rows,
-                            vocab};
+                            vocab,
+                            gather ? d_rows.as<int32_t>() : nullptr};
     DEFT_CUDA_OK(kernels::LaunchSample(p, nullptr));
     const auto tokens = Download<int32_t>(d_tokens, rows);
     const auto lps = Download<float>(d_lp, rows);
@@ -66,7 +72,7 @@ class DeviceSamplingTest : public ::testing::Test {
       sp.min_p = params[r].min_p;
       sp.seed = params[r].seed;
       Sampler cpu(sp, {});
-      std::span<const float> row(&logits[size_t(r) * vocab], vocab);
+      std::span<const float> row(&logits[size_t(logit_rows[r]) * vocab], vocab);
       for (uint64_t s = 0; s < params[r].step; ++s) cpu.Sample(row);
       const SampledToken want = cpu.Sample(row);
       if (tokens[r] != want.id) {
@@ -103,6 +109,10 @@ TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerLlama3Vocab) { Check(128256, 24,
 // a multiple of 4 takes the scalar loops.
 TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerFewRowsOddVocab) { Check(4999, 5, kCases, true); }
 TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerOneRow) { Check(128256, 1, kCases, false); }
+// Rows picked from the logits by index (logit_rows), each twice: the engine's StepSampling.
+TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerGatheredRows) {
+  Check(32000, 32, kCases, false, /*gather=*/true);
+}
 
 TEST_F(DeviceSamplingTest, RejectsMissingBuffers) {
   kernels::SampleParams p;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine/gpu/attach_backend.h"
+#include "engine/gpu/gpu_backend.h"
 #include "engine/model/synthetic_model.h"
 #include "engine/scheduler/tree_engine.h"
 #include "tests/engine/synthetic_model.h"
@@ -23,7 +24,8 @@
 namespace deft::gpu::testing {
 namespace {
 
-std::unique_ptr<LlamaModel> TinyModel(bool on_gpu, bool batch_invariant = false) {
+std::unique_ptr<LlamaModel> TinyModel(bool on_gpu, bool batch_invariant = false,
+                                      bool device_sampling = true) {
   auto spec = SyntheticSpecFromName("synthetic:tiny:f16");
   EXPECT_TRUE(spec.ok());
   spec->logit_scale = 8.f;
@@ -38,6 +40,7 @@ std::unique_ptr<LlamaModel> TinyModel(bool on_gpu, bool batch_invariant = false)
     o.dtype = kernels::Dtype::kFloat16;
     o.kv_memory_fraction = 0.05;
     o.batch_invariant = batch_invariant;
+    o.device_sampling = device_sampling;
     auto name = AttachStepBackend(**model, false, o);
     EXPECT_TRUE(name.ok()) << name.status();
     EXPECT_EQ(*name, "cuda");
@@ -176,6 +179,68 @@ TEST_P(GpuTreeEngineTest, BatchInvariantBranchDecodesAloneAsBesideOthers) {
       ASSERT_EQ(alone[0].logprob[p], together.at(i).logprob[p]) << "branch " << i << " token " << p;
     }
     ASSERT_TRUE((*engine)->DeleteTree(*tree).ok());
+  }
+}
+
+// Sampled branches draw on the device (GpuBackendOptions::device_sampling: only their tokens
+// come back) and get the tokens and log-probabilities the host's Samplers draw from the same
+// logits (device_sampling off), with every sampling setting the device takes, beside a branch
+// whose penalties keep it on the host in the same steps.
+TEST_P(GpuTreeEngineTest, DeviceSamplingDrawsTheHostSamplersTokens) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("prompt seed " + std::to_string(seed));
+  const std::vector<int32_t> prompt = RandomPrompt(seed);
+  const int kTokens = 20;
+  auto run = [&](bool device_sampling, int64_t* device_rows) {
+    std::unique_ptr<LlamaModel> model = TinyModel(true, false, device_sampling);
+    auto* gpu = dynamic_cast<GpuBackend*>(model->step_backend());
+    EXPECT_NE(gpu, nullptr);
+    EngineOptions opts;
+    opts.mode = GetParam();
+    auto engine = TreeEngine::Create(std::move(model), opts);
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    auto tree = (*engine)->CreateTree(prompt);
+    EXPECT_TRUE(tree.ok());
+    auto kids = (*engine)->Fork(*tree, 0, static_cast<int64_t>(prompt.size()), 6);
+    EXPECT_TRUE(kids.ok());
+    std::vector<BranchRequest> branches(6);
+    for (int i = 0; i < 6; ++i) {
+      BranchRequest& r = branches[i];
+      r.node = (*kids)[i];
+      r.params.max_tokens = kTokens;
+      r.params.ignore_eos = true;
+      r.params.seed = seed + static_cast<uint64_t>(i);
+    }
+    branches[0].params.temperature = 1.f;
+    branches[1].params.temperature = 0.8f;
+    branches[1].params.top_p = 0.9f;
+    branches[2].params.temperature = 0.7f;
+    branches[2].params.top_k = 40;
+    branches[2].params.min_p = 0.05f;
+    branches[3].params.temperature = 0.f;
+    branches[4].params.temperature = 1.3f;
+    branches[4].params.top_k = 5;
+    branches[4].params.top_p = 0.6f;
+    branches[5].params.temperature = 0.9f;
+    branches[5].params.repetition_penalty = 1.2f;  // on the host
+    std::map<NodeId, Branch> got = RunBranches(**engine, *tree, branches);
+    *device_rows = gpu->device_sampled_rows();
+    std::vector<Branch> out;
+    for (int i = 0; i < 6; ++i) out.push_back(got[(*kids)[i]]);
+    return out;
+  };
+  int64_t device_rows = 0, host_rows = 0;
+  const std::vector<Branch> device = run(true, &device_rows);
+  const std::vector<Branch> host = run(false, &host_rows);
+  EXPECT_EQ(host_rows, 0);
+  EXPECT_EQ(device_rows, 5 * kTokens);  // every draw of branches 0-4
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_EQ(device[i].tokens.size(), size_t{kTokens}) << "branch " << i;
+    EXPECT_EQ(device[i].tokens, host[i].tokens) << "branch " << i;
+    for (int p = 0; p < kTokens; ++p) {
+      EXPECT_NEAR(device[i].logprob[p], host[i].logprob[p], 1e-4f)
+          << "branch " << i << " token " << p;
+    }
   }
 }
 
