@@ -381,18 +381,25 @@ absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
                                      StepSampling* sampling) {
   DEFT_RETURN_IF_ERROR(ForwardStepOnDevice(step, kv_pool, plan));
   const bool here = sampling != nullptr && options_.device_sampling && !sampling->rows.empty();
+  int32_t top = 0;  // alternatives per row copied back (the most any row asks for)
+  std::vector<int32_t> top_ids;
+  std::vector<float> top_lps;
   if (here) {
     std::vector<kernels::SampleRowParams> params(sampling->rows.size());
     std::vector<int32_t> rows(sampling->rows.size());
     for (size_t i = 0; i < params.size(); ++i) {
       const StepSampling::Row& r = sampling->rows[i];
-      params[i] = {r.temperature, r.top_k, r.top_p, r.min_p, r.seed, r.step};
+      params[i] = {r.temperature, r.top_k, r.top_p, r.min_p, r.seed, r.step, r.top_logprobs};
       rows[i] = r.logit_row;
+      top = std::max(top, std::min(r.top_logprobs, kernels::kMaxTopLogprobs));
     }
     sampling->tokens.resize(params.size());
     sampling->logprobs.resize(params.size());
-    DEFT_RETURN_IF_ERROR(
-        EnqueueSample(params, rows, sampling->tokens.data(), sampling->logprobs.data()));
+    top_ids.resize(params.size() * top);
+    top_lps.resize(params.size() * top);
+    DEFT_RETURN_IF_ERROR(EnqueueSample(params, rows, sampling->tokens.data(),
+                                       sampling->logprobs.data(), top,
+                                       top > 0 ? top_ids.data() : nullptr, top_lps.data()));
   }
   if ((!here || sampling->need_logits) && step_rows_ > 0) {
     logits->resize(static_cast<size_t>(step_rows_ * config_.vocab_size));
@@ -403,6 +410,14 @@ absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
   }
   DEFT_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "GPU step"));
   if (here) {
+    sampling->top.assign(sampling->rows.size(), {});
+    for (size_t i = 0; i < sampling->rows.size(); ++i) {
+      const int32_t n = std::min({sampling->rows[i].top_logprobs, top,
+                                  static_cast<int32_t>(config_.vocab_size)});
+      for (int32_t k = 0; k < n; ++k) {
+        sampling->top[i].push_back({top_ids[i * top + k], top_lps[i * top + k]});
+      }
+    }
     sampling->sampled = true;
     device_sampled_rows_ += static_cast<int64_t>(sampling->rows.size());
   }
@@ -411,7 +426,8 @@ absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
 
 absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParams>& rows,
                                        const std::vector<int32_t>& logit_rows, int32_t* tokens,
-                                       float* logprobs) {
+                                       float* logprobs, int32_t max_top, int32_t* top_ids,
+                                       float* top_logprobs) {
   const int32_t vocab = static_cast<int32_t>(config_.vocab_size);
   const int32_t n = static_cast<int32_t>(rows.size());
   for (int32_t r : logit_rows) {
@@ -423,7 +439,8 @@ absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParam
   const size_t params_bytes = rows.size() * sizeof(kernels::SampleRowParams);
   const size_t rows_bytes = logit_rows.size() * sizeof(int32_t);
   DEFT_RETURN_IF_ERROR(sample_params_.Reserve(params_bytes + rows_bytes));
-  DEFT_RETURN_IF_ERROR(sample_tokens_.Reserve(rows.size() * 8));
+  const size_t top_entries = top_ids != nullptr ? rows.size() * max_top : 0;
+  DEFT_RETURN_IF_ERROR(sample_tokens_.Reserve(rows.size() * 8 + top_entries * 8));
   DEFT_RETURN_IF_ERROR(sample_workspace_.Reserve(kernels::SampleWorkspaceBytes(n, vocab)));
   DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(sample_params_.get(), rows.data(), params_bytes,
                                                   cudaMemcpyHostToDevice, stream_),
@@ -437,6 +454,9 @@ absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParam
                    "sampling rows"));
   }
   float* d_logprobs = logprobs != nullptr ? sample_tokens_.as<float>() + rows.size() : nullptr;
+  int32_t* d_top_ids = top_entries > 0 ? sample_tokens_.as<int32_t>() + 2 * rows.size() : nullptr;
+  float* d_top_lps =
+      top_entries > 0 ? sample_tokens_.as<float>() + 2 * rows.size() + top_entries : nullptr;
   kernels::SampleParams p{logits_.as<float>(),
                           sample_params_.as<kernels::SampleRowParams>(),
                           sample_tokens_.as<int32_t>(),
@@ -444,7 +464,10 @@ absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParam
                           sample_workspace_.as<float>(),
                           n,
                           vocab,
-                          d_rows};
+                          d_rows,
+                          d_top_ids,
+                          d_top_lps,
+                          top_entries > 0 ? max_top : 0};
   DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchSample(p, stream_), "sampling"));
   DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(tokens, sample_tokens_.get(), rows.size() * 4,
                                                   cudaMemcpyDeviceToHost, stream_),
@@ -453,6 +476,14 @@ absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParam
     DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(logprobs, d_logprobs, rows.size() * 4,
                                                     cudaMemcpyDeviceToHost, stream_),
                                     "sampled log-probabilities"));
+  }
+  if (top_entries > 0) {
+    DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(top_ids, d_top_ids, top_entries * 4,
+                                                    cudaMemcpyDeviceToHost, stream_),
+                                    "top alternatives"));
+    DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(top_logprobs, d_top_lps, top_entries * 4,
+                                                    cudaMemcpyDeviceToHost, stream_),
+                                    "top alternatives"));
   }
   return absl::OkStatus();
 }
@@ -465,7 +496,7 @@ absl::StatusOr<std::vector<int32_t>> GpuBackend::SampleOnDevice(
   }
   std::vector<int32_t> tokens(rows.size());
   if (rows.empty()) return tokens;
-  DEFT_RETURN_IF_ERROR(EnqueueSample(rows, {}, tokens.data(), nullptr));
+  DEFT_RETURN_IF_ERROR(EnqueueSample(rows, {}, tokens.data(), nullptr, 0, nullptr, nullptr));
   DEFT_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "sampling"));
   return tokens;
 }

@@ -123,10 +123,12 @@ class GpuBackend : public StepBackend {
   void ClearGraphs();
   // Queues the sampling of rows.size() rows of the last step's logits (row r: logit row
   // logit_rows[r], or r when logit_rows is empty) and the copies of their tokens (and
-  // log-probabilities, when `logprobs` is not null) to the host; the caller synchronizes.
+  // log-probabilities, when `logprobs` is not null; and [rows, max_top] alternatives, when
+  // `top_ids` is not null) to the host; the caller synchronizes.
   absl::Status EnqueueSample(const std::vector<kernels::SampleRowParams>& rows,
                              const std::vector<int32_t>& logit_rows, int32_t* tokens,
-                             float* logprobs);
+                             float* logprobs, int32_t max_top, int32_t* top_ids,
+                             float* top_logprobs);
   absl::Status Mark(const char* phase);  // records a profiling event when profiling
   absl::Status Gemm(const void* w, const void* x, void* y, int64_t m, int64_t n, int64_t k,
                     kernels::Dtype out, bool accumulate);

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "engine/attention/partition_plan.h"
 #include "engine/kv/kv_block_pool.h"
+#include "engine/sampler/sampler.h"
 
 namespace deft {
 
@@ -31,8 +32,8 @@ struct StepInput {
 
 // Rows of a step that its backend may sample next to the logits (StepBackend::ForwardStep's
 // optional `sampling`; the rows' samplers are Sampler::Plain, so each draw is a function of the
-// logits row, the settings and the draw's index). A backend that does so fills tokens and
-// logprobs (one per row, as Sampler::Sample would choose and report them) and sets `sampled`;
+// logits row, the settings and the draw's index). A backend that does so fills tokens, logprobs
+// and top (one per row, as Sampler::Sample would choose and report them) and sets `sampled`;
 // one that does not leaves `sampled` false and the caller samples from `logits`. When
 // `need_logits` is false and the backend sampled, `logits` may be left untouched (a GPU then
 // copies nothing but the tokens to the host).
@@ -45,6 +46,7 @@ struct StepSampling {
     float min_p = 0.f;
     uint64_t seed = 0;
     uint64_t step = 0;  // the sampler's draw index (Sampler::steps())
+    int32_t top_logprobs = 0;  // alternatives to report (0..20, SamplingParams)
   };
   std::vector<Row> rows;
   bool need_logits = true;
@@ -52,6 +54,7 @@ struct StepSampling {
   bool sampled = false;
   std::vector<int32_t> tokens;
   std::vector<float> logprobs;
+  std::vector<std::vector<TokenLogprob>> top;  // per row, top_logprobs of them (TopLogprobs)
 };
 
 class StepBackend {

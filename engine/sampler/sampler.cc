@@ -233,7 +233,7 @@ SampledToken Sampler::Sample(std::span<const float> logits) {
 
 bool Sampler::Plain() const {
   return params_.repetition_penalty == 1.f && params_.frequency_penalty == 0.f &&
-         params_.presence_penalty == 0.f && params_.top_logprobs == 0;
+         params_.presence_penalty == 0.f;
 }
 
 SampledToken Sampler::Record(int32_t id, float logprob) {

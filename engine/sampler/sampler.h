@@ -68,8 +68,9 @@ class Sampler {
   const SamplingParams& params() const { return params_; }
 
   // Whether the next draw depends only on the logits, params() and steps(): no penalties (they
-  // need the sampler's history) and no alternatives to report. Such a draw may be made by a
-  // backend next to the logits (kernels/model/sampling.h reproduces Sample) and handed to Record.
+  // need the sampler's history). Such a draw (and its top_logprobs alternatives) may be made by
+  // a backend next to the logits (kernels/model/sampling.h reproduces Sample) and handed to
+  // Record.
   bool Plain() const;
   // Records `id`, chosen for this sampler's next step elsewhere (a backend's draw, as Sample would
   // have made it), exactly as Sample records its own choice; returns it with `logprob`.

@@ -611,8 +611,8 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   lock.unlock();
   if (options_.before_unlocked_forward) options_.before_unlocked_forward();
   // Branches whose draw depends on the logits alone (Sampler::Plain) may be sampled by the
-  // backend next to the logits (the GPU: only their tokens come back); the host needs the logits
-  // for the rest and for the verifications.
+  // backend next to the logits (the GPU: only their tokens and alternatives come back); the host
+  // needs the logits for the rest and for the verifications.
   StepSampling sampling;
   sampling.need_logits = !riders.empty();
   for (size_t i = 0; i < needs.size(); ++i) {
@@ -623,7 +623,7 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
     }
     const SamplingParams& sp = sm.params();
     sampling.rows.push_back({need_rows[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
-                             static_cast<uint64_t>(sm.steps())});
+                             static_cast<uint64_t>(sm.steps()), sp.top_logprobs});
   }
   std::vector<float> logits;
   absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits, &sampling);
@@ -665,6 +665,7 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   for (size_t i = 0, d = 0; i < needs.size(); ++i) {
     if (sampling.sampled && needs[i].branch->sampler->Plain()) {
       sampled[i] = needs[i].branch->sampler->Record(sampling.tokens[d], sampling.logprobs[d]);
+      sampled[i].top = std::move(sampling.top[d]);
       ++d;
     } else {
       on_host.push_back(i);

@@ -285,10 +285,12 @@ __device__ void Narrow(const uint32_t* pbits, int32_t vocab, const Members& m, P
 // false when even all members do not. A kSplit-ary search on p's bits (the level of that
 // element: the largest level whose prefix satisfies pred), then on the id within that level.
 // p <= 1 (exp of a non-positive number), so levels are below 1.0f's bits + 1.
+// `level_end`: one past the largest key (p's bits: 1.0f's + 1).
 __device__ bool FindFirst(const uint32_t* pbits, int32_t vocab, const Members& m, Pred pred,
-                          double target, Boundary* found, Agg (*scratch)[kThreads / 32]) {
+                          double target, Boundary* found, Agg (*scratch)[kThreads / 32],
+                          int64_t level_end = 0x3f800001) {
   if (!Holds(pred, target, PrefixAgg(pbits, vocab, m, 0, INT32_MAX, scratch))) return false;
-  int64_t lo = 0, hi = 0x3f800001;  // the level: pred holds at lo, fails at hi
+  int64_t lo = 0, hi = level_end;  // the level: pred holds at lo, fails at hi
   Narrow(pbits, vocab, m, pred, target, true,
          [](int64_t t) { return Boundary{static_cast<uint32_t>(t), INT32_MAX}; }, lo, hi, scratch);
   int64_t ilo = -1, ihi = vocab - 1;  // the id within level lo: fails at ilo, holds at ihi
@@ -300,6 +302,66 @@ __device__ bool FindFirst(const uint32_t* pbits, int32_t vocab, const Members& m
   return true;
 }
 
+// A logit's bits mapped so that unsigned order is the value's (-0 as +0, as the CPU's compare);
+// finite and infinite logits map below 0xff800001.
+__device__ __forceinline__ uint32_t LogitKey(float l) {
+  const uint32_t u = __float_as_uint(l == 0.f ? 0.f : l);
+  return (u & 0x80000000u) != 0u ? ~u : u | 0x80000000u;
+}
+constexpr int64_t kLogitKeyEnd = 0xff800001;
+
+// The row's top_logprobs alternatives (sampling.h): the n-th key in (logit desc, id asc) order
+// by the same search as the draws, over the logits' keys written into `keys`; then every CTA
+// parks its elements before that boundary (at most n over the cluster), and warp 0 of rank 0
+// orders them and stores their ids and log-softmax values.
+__device__ void TopAlternatives(const SampleParams& p, int row, const float* logits, int n,
+                                double lse, uint32_t* keys, Agg (*scratch)[kThreads / 32],
+                                int32_t* s_ids, uint32_t* s_keys, int* s_count) {
+  ForEachEntry(logits, p.vocab, [&](int32_t i, float l) { keys[i] = LogitKey(l); });
+  BlockSum(Agg{0.0, 0}, scratch);  // orders the key stores before every CTA's reads
+  Members all;
+  Boundary nth;
+  FindFirst(keys, p.vocab, all, Pred::kCountAtLeast, n, &nth, scratch, kLogitKeyEnd);
+  if (threadIdx.x == 0) *s_count = 0;
+  __syncthreads();
+  ForEachEntry(logits, p.vocab, [&](int32_t i, float l) {
+    const uint32_t k = LogitKey(l);
+    if (Before(k, i, nth)) {
+      const int slot = atomicAdd(s_count, 1);  // at most n in the cluster: in range
+      s_ids[slot] = i;
+      s_keys[slot] = k;
+    }
+  });
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  if (cluster.block_rank() != 0 || threadIdx.x >= 32) return;
+  // Lane l takes the l-th parked entry of the cluster (CTAs in rank order); n <= 32.
+  int32_t id = INT32_MAX;
+  uint32_t key = 0;
+  bool have = false;
+  int seen = 0;
+  for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
+    const int c = *cluster.map_shared_rank(s_count, r);
+    if (threadIdx.x >= seen && threadIdx.x < seen + c) {
+      id = cluster.map_shared_rank(s_ids, r)[threadIdx.x - seen];
+      key = cluster.map_shared_rank(s_keys, r)[threadIdx.x - seen];
+      have = true;
+    }
+    seen += c;
+  }
+  int rank = 0;
+  for (int j = 0; j < seen; ++j) {
+    const int32_t oid = __shfl_sync(0xffffffffu, id, j);
+    const uint32_t okey = __shfl_sync(0xffffffffu, key, j);
+    rank += (okey > key || (okey == key && oid < id)) ? 1 : 0;
+  }
+  if (have && rank < n) {
+    const int64_t at = static_cast<int64_t>(row) * p.max_top_logprobs + rank;
+    p.out_top_ids[at] = id;
+    p.out_top_logprobs[at] = static_cast<float>(logits[id] - lse);
+  }
+}
+
 __device__ bool KeyLess(const Boundary& a, const Boundary& b) {
   return a.tb > b.tb || (a.tb == b.tb && a.ib < b.ib);
 }
@@ -309,6 +371,9 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
   
   __shared__ float s_max[kThreads / 32];
   __shared__ int32_t s_arg[kThreads / 32];
+  __shared__ int32_t s_top_ids[kMaxTopLogprobs];
+  __shared__ uint32_t s_top_keys[kMaxTopLogprobs];
+  __shared__ int s_top_count;
   cg::cluster_group cluster = cg::this_cluster();
   const int row = blockIdx.x / static_cast<int>(cluster.num_blocks());
   const SampleRowParams rp = p.row_params[row];
@@ -346,8 +411,11 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
   arg = s_arg[0];
   // log-sum-exp of the raw logits, in fp64 as the CPU's LogSumExp (a pass of fp64 exp: only
   // when the logprobs are asked for).
+  const int top_n = p.out_top_ids == nullptr
+                        ? 0
+                        : min(min(rp.top_logprobs, p.max_top_logprobs), min(p.vocab, kMaxTopLogprobs));
   double lse = 0.0;
-  if (p.out_logprobs != nullptr) {
+  if (p.out_logprobs != nullptr || top_n > 0) {
     Agg e{0.0, 0};
     ForEachEntry(logits, p.vocab,
                  [&](int32_t, float v) { e.sum += exp(static_cast<double>(v) - mx); });
@@ -393,6 +461,12 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
     }
     chosen = pick.ib;
   }
+  if (top_n > 0) {
+    // The draw's last reads of the workspace row were before its last cluster barrier.
+    TopAlternatives(p, row, logits, top_n, lse,
+                    reinterpret_cast<uint32_t*>(p.workspace) + static_cast<int64_t>(row) * p.vocab,
+                    scratch, s_top_ids, s_top_keys, &s_top_count);
+  }
   cluster.sync();  // no CTA leaves while another may read its shared memory
   if (threadIdx.x == 0 && cluster.block_rank() == 0) {
     p.out_tokens[row] = chosen;
@@ -413,6 +487,11 @@ size_t SampleWorkspaceBytes(int32_t rows, int32_t vocab) {
 cudaError_t LaunchSample(const SampleParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.vocab <= 0 || p.logits == nullptr || p.out_tokens == nullptr ||
       p.row_params == nullptr || (p.rows > 0 && p.workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.out_top_ids != nullptr &&
+      (p.out_top_logprobs == nullptr || p.max_top_logprobs < 1 ||
+       p.max_top_logprobs > kMaxTopLogprobs)) {
     return cudaErrorInvalidValue;
   }
   if (p.rows == 0) return cudaSuccess;

@@ -11,7 +11,9 @@
 // pass over the row, ~17 passes per boundary (top_p = 1 needs none). Same seed + logits give the CPU's token; the two can differ only when a draw or
 // the top-p target lands within a few ulps of a boundary (expf vs glibc's expf, fp64 sums in
 // another order).
-// logprob: log-softmax of the raw logits at the chosen id (the CPU's SampledToken::logprob).
+// logprob: log-softmax of the raw logits at the chosen id (the CPU's SampledToken::logprob);
+// top_logprobs: the best raw logits and their log-softmax (the CPU's TopLogprobs), one more
+// search of the same kind over the row.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,7 +30,10 @@ struct SampleRowParams {
   float min_p = 0.f;
   uint64_t seed = 0;
   uint64_t step = 0;  // the Sampler's step counter (which draw of the seed's stream)
+  int32_t top_logprobs = 0;  // alternatives to report (TopLogprobs), 0..kMaxTopLogprobs
 };
+
+constexpr int32_t kMaxTopLogprobs = 32;
 
 struct SampleParams {
   const float* logits = nullptr;                // [*, vocab], row stride `vocab`
@@ -40,6 +45,12 @@ struct SampleParams {
   int32_t vocab = 0;
   // Optional [rows], device: output r samples logits row logit_rows[r] (else row r).
   const int32_t* logit_rows = nullptr;
+  // Optional [rows, max_top_logprobs]: row r's first min(top_logprobs, max_top_logprobs, vocab)
+  // entries get the CPU's TopLogprobs (best raw logits, ties to the lower id, with their
+  // log-softmax); the rest are left as they were.
+  int32_t* out_top_ids = nullptr;
+  float* out_top_logprobs = nullptr;
+  int32_t max_top_logprobs = 0;
 };
 
 size_t SampleWorkspaceBytes(int32_t rows, int32_t vocab);

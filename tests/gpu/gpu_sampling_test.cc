@@ -43,10 +43,14 @@ class DeviceSamplingTest : public ::testing::Test {
     std::vector<kernels::SampleRowParams> params(rows);
     for (int r = 0; r < rows; ++r) {
       const Case& c = cases[r % cases.size()];
-      params[r] = {c.temperature, c.top_k, c.top_p, c.min_p, rng(), uint64_t(r % 5)};
+      // Alternatives asked on two rows of three: 5, or the most the device takes.
+      const int32_t top = r % 3 == 0 ? 0 : (r % 3 == 1 ? 5 : kernels::kMaxTopLogprobs);
+      params[r] = {c.temperature, c.top_k, c.top_p, c.min_p, rng(), uint64_t(r % 5), top};
     }
     DeviceBuffer d_logits = Upload(logits), d_params = Upload(params);
     DeviceBuffer d_tokens = Poisoned(rows * 4), d_lp = Poisoned(rows * 4);
+    const int32_t max_top = kernels::kMaxTopLogprobs;
+    DeviceBuffer d_top_ids = Poisoned(rows * max_top * 4), d_top_lps = Poisoned(rows * max_top * 4);
     std::vector<int32_t> logit_rows(rows);
     for (int r = 0; r < rows; ++r) logit_rows[r] = gather ? r / 2 : r;
     DeviceBuffer d_rows = Upload(logit_rows);
@@ -59,10 +63,15 @@ class DeviceSamplingTest : public ::testing::Test {
                             d_ws.as<float>(),
                             rows,
                             vocab,
-                            gather ? d_rows.as<int32_t>() : nullptr};
+                            gather ? d_rows.as<int32_t>() : nullptr,
+                            d_top_ids.as<int32_t>(),
+                            d_top_lps.as<float>(),
+                            max_top};
     DEFT_CUDA_OK(kernels::LaunchSample(p, nullptr));
     const auto tokens = Download<int32_t>(d_tokens, rows);
     const auto lps = Download<float>(d_lp, rows);
+    const auto top_ids = Download<int32_t>(d_top_ids, rows * max_top);
+    const auto top_lps = Download<float>(d_top_lps, rows * max_top);
     int disagreements = 0;
     for (int r = 0; r < rows; ++r) {
       SamplingParams sp;
@@ -71,6 +80,7 @@ class DeviceSamplingTest : public ::testing::Test {
       sp.top_p = params[r].top_p;
       sp.min_p = params[r].min_p;
       sp.seed = params[r].seed;
+      sp.top_logprobs = params[r].top_logprobs;
       Sampler cpu(sp, {});
       std::span<const float> row(&logits[size_t(logit_rows[r]) * vocab], vocab);
       for (uint64_t s = 0; s < params[r].step; ++s) cpu.Sample(row);
@@ -83,6 +93,12 @@ class DeviceSamplingTest : public ::testing::Test {
         continue;
       }
       EXPECT_NEAR(lps[r], want.logprob, 1e-4f) << "row " << r;
+      ASSERT_EQ(want.top.size(), static_cast<size_t>(std::min(params[r].top_logprobs, vocab)));
+      for (size_t k = 0; k < want.top.size(); ++k) {
+        EXPECT_EQ(top_ids[r * max_top + k], want.top[k].id) << "row " << r << " alternative " << k;
+        EXPECT_NEAR(top_lps[r * max_top + k], want.top[k].logprob, 1e-4f)
+            << "row " << r << " alternative " << k;
+      }
     }
     EXPECT_EQ(disagreements, 0);
   }

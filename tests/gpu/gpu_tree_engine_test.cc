@@ -54,6 +54,7 @@ struct Branch {
   std::vector<int32_t> tokens;
   std::vector<float> margin;  // top-1 minus top-2 log-probability at each token
   std::vector<float> logprob;  // of each chosen token
+  std::vector<std::vector<TokenLogprob>> top;  // its alternatives
 };
 
 BranchRequest Greedy(NodeId node, int tokens) {
@@ -76,6 +77,7 @@ std::map<NodeId, Branch> RunBranches(TreeEngine& engine, TreeId tree,
     got[node].tokens.push_back(t.id);
     got[node].margin.push_back(t.top.size() >= 2 ? t.top[0].logprob - t.top[1].logprob : 1e9f);
     got[node].logprob.push_back(t.logprob);
+    got[node].top.push_back(t.top);
   };
   cb.on_done = [&](const absl::Status& s) { done.set_value(s); };
   auto gen = engine.Generate(tree, branches, cb);
@@ -183,9 +185,9 @@ TEST_P(GpuTreeEngineTest, BatchInvariantBranchDecodesAloneAsBesideOthers) {
 }
 
 // Sampled branches draw on the device (GpuBackendOptions::device_sampling: only their tokens
-// come back) and get the tokens and log-probabilities the host's Samplers draw from the same
-// logits (device_sampling off), with every sampling setting the device takes, beside a branch
-// whose penalties keep it on the host in the same steps.
+// come back) and get the tokens, log-probabilities and top_logprobs alternatives the host's
+// Samplers give from the same logits (device_sampling off), with every sampling setting the
+// device takes, beside a branch whose penalties keep it on the host in the same steps.
 TEST_P(GpuTreeEngineTest, DeviceSamplingDrawsTheHostSamplersTokens) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("prompt seed " + std::to_string(seed));
@@ -212,12 +214,14 @@ TEST_P(GpuTreeEngineTest, DeviceSamplingDrawsTheHostSamplersTokens) {
       r.params.seed = seed + static_cast<uint64_t>(i);
     }
     branches[0].params.temperature = 1.f;
+    branches[0].params.top_logprobs = 3;
     branches[1].params.temperature = 0.8f;
     branches[1].params.top_p = 0.9f;
     branches[2].params.temperature = 0.7f;
     branches[2].params.top_k = 40;
     branches[2].params.min_p = 0.05f;
     branches[3].params.temperature = 0.f;
+    branches[3].params.top_logprobs = 20;
     branches[4].params.temperature = 1.3f;
     branches[4].params.top_k = 5;
     branches[4].params.top_p = 0.6f;
@@ -240,6 +244,13 @@ TEST_P(GpuTreeEngineTest, DeviceSamplingDrawsTheHostSamplersTokens) {
     for (int p = 0; p < kTokens; ++p) {
       EXPECT_NEAR(device[i].logprob[p], host[i].logprob[p], 1e-4f)
           << "branch " << i << " token " << p;
+      ASSERT_EQ(device[i].top[p].size(), host[i].top[p].size()) << "branch " << i;
+      for (size_t k = 0; k < host[i].top[p].size(); ++k) {
+        EXPECT_EQ(device[i].top[p][k].id, host[i].top[p][k].id)
+            << "branch " << i << " token " << p << " alternative " << k;
+        EXPECT_NEAR(device[i].top[p][k].logprob, host[i].top[p][k].logprob, 1e-4f)
+            << "branch " << i << " token " << p << " alternative " << k;
+      }
     }
   }
 }
