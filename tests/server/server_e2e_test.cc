@@ -39,6 +39,10 @@ ServerOptions TestOptions() {
   o.max_branches = kMaxBranches;
   o.max_tokens_limit = kMaxTokensLimit;
   o.tree_ttl = std::chrono::seconds(0);
+  // Every scheduler step takes at least 3 ms, so that a long generation outlasts the
+  // deadlines and graces these tests set whatever the backend's speed (on the H100 SmolLM2
+  // decodes 256 tokens in ~0.4 s).
+  o.engine.before_unlocked_forward = [] { std::this_thread::sleep_for(std::chrono::milliseconds(3)); };
   static ServerMetrics metrics;
   o.metrics = &metrics;
   return o;

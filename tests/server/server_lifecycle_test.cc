@@ -32,6 +32,10 @@ std::unique_ptr<DeftServer> StartServer(std::chrono::seconds ttl) {
   o.load_model = ModelFromPath(DEFT_TEST_MODEL, /*exact=*/false);
   o.engine.kv_pool_bytes = int64_t{64} << 20;
   o.tree_ttl = ttl;
+  // Every scheduler step takes at least 3 ms, so that a long generation outlasts the
+  // deadlines and graces these tests set whatever the backend's speed (on the H100 SmolLM2
+  // decodes 256 tokens in ~0.4 s).
+  o.engine.before_unlocked_forward = [] { std::this_thread::sleep_for(std::chrono::milliseconds(3)); };
   auto s = DeftServer::Start(std::move(o));
   EXPECT_TRUE(s.ok()) << s.status();
   EXPECT_TRUE((*s)->WaitUntilLoaded().ok());
