@@ -246,15 +246,19 @@ int Run() {
         }
         StepSampling with_top = sampling;  // and 20 alternatives per row (tree-of-thought)
         for (StepSampling::Row& r : with_top.rows) r.top_logprobs = 20;
-        std::vector<double> host_t, device_t, top_t;
+        // Way 3: the step with every logits row copied to the host and none sampled there: what
+        // a verification of the step's rows cost when its walk read the logits on the host (it
+        // samples only the few rows it walks), against way 1, every row drawn on the device.
+        std::vector<double> host_t, device_t, top_t, logits_t;
         for (int i = 0; i < 3 + absl::GetFlag(FLAGS_reps); ++i) {
-          for (int way : {0, 1, 2}) {
-            const bool device = way > 0;
+          for (int way : {0, 1, 2, 3}) {
+            const bool device = way == 1 || way == 2;
             const auto a = Clock::now();
             std::vector<float> logits;
-            absl::Status s = gpu.ForwardStep(step, pool, plan, &logits,
-                                             way == 0 ? nullptr : way == 1 ? &sampling : &with_top);
-            if (s.ok() && !device) {
+            absl::Status s = gpu.ForwardStep(
+                step, pool, plan, &logits,
+                way == 0 || way == 3 ? nullptr : way == 1 ? &sampling : &with_top);
+            if (s.ok() && way == 0) {
               sampling_pool.ParallelFor(
                   static_cast<int64_t>(rows.size()), 1, [&](int, int64_t b, int64_t e) {
                     for (int64_t r = b; r < e; ++r) {
@@ -267,14 +271,18 @@ int Run() {
               std::fprintf(stderr, "served step: %s\n", s.ToString().c_str());
               return 1;
             }
-            if (i >= 3) (way == 0 ? host_t : way == 1 ? device_t : top_t).push_back(Seconds(a, Clock::now()));
+            if (i >= 3) {
+              (way == 0 ? host_t : way == 1 ? device_t : way == 2 ? top_t : logits_t)
+                  .push_back(Seconds(a, Clock::now()));
+            }
           }
         }
         gpu.set_cuda_graphs(false);
-        served.push_back(absl::StrFormat("| %s | %s | %zu | %.2f | %.2f | %.2fx | %.2f |", w.name,
-                                         mode_name, rows.size(), Median(host_t) * 1e3,
+        served.push_back(absl::StrFormat("| %s | %s | %zu | %.2f | %.2f | %.2fx | %.2f | %.2f |",
+                                         w.name, mode_name, rows.size(), Median(host_t) * 1e3,
                                          Median(device_t) * 1e3,
-                                         Median(host_t) / Median(device_t), Median(top_t) * 1e3));
+                                         Median(host_t) / Median(device_t), Median(top_t) * 1e3,
+                                         Median(logits_t) * 1e3));
       }
       // Device time per phase of one more step, events between the phases.
       gpu.set_profiling(true);
@@ -379,8 +387,9 @@ int Run() {
   std::printf(
       "\nServed step (CUDA graphs; every row sampled at temperature 1, as TreeEngine does it; "
       "median):\n\n| workload | mode | rows | step + logits to host + host Samplers ms | step + "
-      "device sampling ms | speedup | the same with 20 alternatives a row ms |\n"
-      "|---|---|---|---|---|---|---|\n");
+      "device sampling ms | speedup | the same with 20 alternatives a row ms | step + logits to "
+      "host, none sampled (a verification's walk on the host) ms |\n"
+      "|---|---|---|---|---|---|---|---|\n");
   for (const std::string& line : served) std::printf("%s\n", line.c_str());
   std::printf("\nDevice ms per phase of one step (events between phases, all layers):\n");
   for (const std::string& b : breakdowns) std::printf("- %s\n", b.c_str());

@@ -612,9 +612,12 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   if (options_.before_unlocked_forward) options_.before_unlocked_forward();
   // Branches whose draw depends on the logits alone (Sampler::Plain) may be sampled by the
   // backend next to the logits (the GPU: only their tokens and alternatives come back); the host
-  // needs the logits for the rest and for the verifications.
+  // needs the logits for the rest. A verification with a Plain sampler has every row of its
+  // draft drawn there too: the walk reaches the tip's row at draw 0 and a draft token's row at
+  // draw depth (its sampler's step then), so each row has one possible draw and the walk needs
+  // only the tokens.
   StepSampling sampling;
-  sampling.need_logits = !riders.empty();
+  sampling.need_logits = false;
   for (size_t i = 0; i < needs.size(); ++i) {
     const Sampler& sm = *needs[i].branch->sampler;
     if (!sm.Plain()) {
@@ -624,6 +627,20 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
     const SamplingParams& sp = sm.params();
     sampling.rows.push_back({need_rows[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
                              static_cast<uint64_t>(sm.steps()), sp.top_logprobs});
+  }
+  for (VerifyRider& r : riders) {
+    const SamplingParams& sp = r.job->params;
+    if (!Sampler(sp, {}).Plain()) {
+      sampling.need_logits = true;
+      continue;
+    }
+    r.draws = static_cast<int32_t>(sampling.rows.size());
+    sampling.rows.push_back({r.tip_logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
+                             0, 0});
+    for (size_t i = 0; i < r.draft_logits.size(); ++i) {
+      sampling.rows.push_back({r.draft_logits[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p,
+                               sp.seed, static_cast<uint64_t>(r.job->depth[i]), 0});
+    }
   }
   std::vector<float> logits;
   absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits, &sampling);
@@ -652,7 +669,7 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   for (VerifyRider& r : riders) {
     ++stats_.verifications;
     if (step.num_tokens() > r.own_tokens) ++stats_.verifications_batched;
-    FinishVerifyLocked(*r.job, CommitVerifyLocked(r, logits));
+    FinishVerifyLocked(*r.job, CommitVerifyLocked(r, logits, sampling));
   }
 
   // 6. Sample, append, stream, finish.
@@ -806,7 +823,8 @@ void TreeEngine::FinishVerifyLocked(VerifyJob& job, absl::StatusOr<VerifyResult>
 }
 
 absl::StatusOr<VerifyResult> TreeEngine::CommitVerifyLocked(VerifyRider& rider,
-                                                            const std::vector<float>& logits) {
+                                                            const std::vector<float>& logits,
+                                                            const StepSampling& sampling) {
   const VerifyJob& job = *rider.job;
   const int32_t bt = pool_->block_tokens();
   struct TempRelease {  // the draft's KV blocks go back to the pool however this ends
@@ -828,12 +846,19 @@ absl::StatusOr<VerifyResult> TreeEngine::CommitVerifyLocked(VerifyRider& rider,
   for (const TreeNode* nd : path)
     history.insert(history.end(), nd->tokens.begin(), nd->tokens.end());
   Sampler sampler(job.params, history);
+  const bool drawn = sampling.sampled && rider.draws >= 0;
   VerifyResult result;
   int32_t row = rider.tip_logits, at = -1;
   while (true) {
-    std::span<const float> lg(logits.data() + static_cast<size_t>(row) * vocab,
-                              static_cast<size_t>(vocab));
-    SampledToken t = sampler.Sample(lg);
+    SampledToken t;
+    if (drawn) {  // the backend's draw of this row: the tip's, or draft token at's
+      const size_t d = static_cast<size_t>(rider.draws + 1 + at);
+      t = sampler.Record(sampling.tokens[d], sampling.logprobs[d]);
+    } else {
+      std::span<const float> lg(logits.data() + static_cast<size_t>(row) * vocab,
+                                static_cast<size_t>(vocab));
+      t = sampler.Sample(lg);
+    }
     result.tokens.push_back(t.id);
     result.logprobs.push_back(t.logprob);
     int32_t next = -1;

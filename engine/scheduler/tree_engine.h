@@ -237,6 +237,10 @@ class TreeEngine {
     int32_t tip_logits = -1;
     std::vector<int32_t> draft_logits;
     int64_t own_tokens = 0;  // tokens of the step that belong to this verification
+    // Where the backend drew the walk's tokens (a Plain sampler): StepSampling row of the tip's
+    // draw, then one per draft token (its row's draw, at the step the walk reaches it); -1 when
+    // the walk samples the logits on the host.
+    int32_t draws = -1;
   };
 
   TreeEngine(std::unique_ptr<LlamaModel> model, const EngineOptions& options,
@@ -250,10 +254,12 @@ class TreeEngine {
   void FinishBranch(Generation& g, Branch& b, FinishReason reason, std::vector<Event>* events);
   // The node checks of Verify (NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE). REQUIRES: mu_ held.
   absl::Status CheckVerifyTargetLocked(const VerifyJob& job) const;
-  // Walks the draft over the step's logits and commits the result to the tree; releases the
-  // rider's temporary blocks. REQUIRES: mu_ held.
+  // Walks the draft over the step's logits (or the backend's draws of every row, `sampling`)
+  // and commits the result to the tree; releases the rider's temporary blocks. REQUIRES: mu_
+  // held.
   absl::StatusOr<VerifyResult> CommitVerifyLocked(VerifyRider& rider,
-                                                  const std::vector<float>& logits);
+                                                  const std::vector<float>& logits,
+                                                  const StepSampling& sampling);
   void FinishVerifyLocked(VerifyJob& job, absl::StatusOr<VerifyResult> result);
   bool NodeIsGenerating(TreeId tree, NodeId node) const;
   // Computes every pending token of `node` in one step (its ancestors must be computed).
