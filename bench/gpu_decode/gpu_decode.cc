@@ -246,43 +246,76 @@ int Run() {
         }
         StepSampling with_top = sampling;  // and 20 alternatives per row (tree-of-thought)
         for (StepSampling::Row& r : with_top.rows) r.top_logprobs = 20;
+        // Ways 4 and 5: every row penalized (repetition 1.1 over a 4000-token prompt and 200
+        // outputs, frequency 0.3, presence 0.2), drawn on the host from the logits, and on the
+        // device with the samplers' seen tokens uploaded as entries.
+        std::vector<Sampler> penalized;
+        StepSampling pen_sampling;
+        pen_sampling.need_logits = false;
+        for (size_t r = 0; r < rows.size(); ++r) {
+          SamplingParams sp;
+          sp.seed = rng();
+          sp.repetition_penalty = 1.1f;
+          sp.frequency_penalty = 0.3f;
+          sp.presence_penalty = 0.2f;
+          std::vector<int32_t> prompt(4000);
+          for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % c.vocab_size);
+          penalized.emplace_back(sp, prompt);
+          for (int k = 0; k < 200; ++k) {
+            penalized.back().Record(static_cast<int32_t>(rng() % 3000), 0.f);
+          }
+          StepSampling::Row row{static_cast<int32_t>(r), 1.f, 0, 1.f, 0.f, sp.seed,
+                                static_cast<uint64_t>(penalized.back().steps()), 0};
+          row.repetition_penalty = sp.repetition_penalty;
+          row.frequency_penalty = sp.frequency_penalty;
+          row.presence_penalty = sp.presence_penalty;
+          row.penalty_begin = static_cast<int32_t>(pen_sampling.penalty_ids.size());
+          penalized.back().AppendPenaltyEntries(&pen_sampling.penalty_ids,
+                                                &pen_sampling.penalty_counts);
+          row.penalty_count =
+              static_cast<int32_t>(pen_sampling.penalty_ids.size()) - row.penalty_begin;
+          pen_sampling.rows.push_back(row);
+        }
         // Way 3: the step with every logits row copied to the host and none sampled there: what
         // a verification of the step's rows cost when its walk read the logits on the host (it
         // samples only the few rows it walks), against way 1, every row drawn on the device.
-        std::vector<double> host_t, device_t, top_t, logits_t;
+        std::vector<double> host_t, device_t, top_t, logits_t, pen_host_t, pen_device_t;
         for (int i = 0; i < 3 + absl::GetFlag(FLAGS_reps); ++i) {
-          for (int way : {0, 1, 2, 3}) {
-            const bool device = way == 1 || way == 2;
+          for (int way : {0, 1, 2, 3, 4, 5}) {
+            StepSampling* asked = way == 1   ? &sampling
+                                  : way == 2 ? &with_top
+                                  : way == 5 ? &pen_sampling
+                                             : nullptr;
             const auto a = Clock::now();
             std::vector<float> logits;
-            absl::Status s = gpu.ForwardStep(
-                step, pool, plan, &logits,
-                way == 0 || way == 3 ? nullptr : way == 1 ? &sampling : &with_top);
-            if (s.ok() && way == 0) {
+            absl::Status s = gpu.ForwardStep(step, pool, plan, &logits, asked);
+            std::vector<Sampler>* on_host = way == 0 ? &samplers : way == 4 ? &penalized : nullptr;
+            if (s.ok() && on_host != nullptr) {
               sampling_pool.ParallelFor(
                   static_cast<int64_t>(rows.size()), 1, [&](int, int64_t b, int64_t e) {
                     for (int64_t r = b; r < e; ++r) {
-                      samplers[r].Sample(std::span<const float>(
+                      (*on_host)[r].Sample(std::span<const float>(
                           logits.data() + r * c.vocab_size, static_cast<size_t>(c.vocab_size)));
                     }
                   });
             }
-            if (!s.ok() || (device && !(way == 1 ? sampling : with_top).sampled)) {
+            if (!s.ok() || (asked != nullptr && !asked->sampled)) {
               std::fprintf(stderr, "served step: %s\n", s.ToString().c_str());
               return 1;
             }
             if (i >= 3) {
-              (way == 0 ? host_t : way == 1 ? device_t : way == 2 ? top_t : logits_t)
-                  .push_back(Seconds(a, Clock::now()));
+              std::vector<double>* t[] = {&host_t,   &device_t,   &top_t,
+                                          &logits_t, &pen_host_t, &pen_device_t};
+              t[way]->push_back(Seconds(a, Clock::now()));
             }
           }
         }
         gpu.set_cuda_graphs(false);
-        served.push_back(absl::StrFormat("| %s | %s | %zu | %.2f | %.2f | %.2fx | %.2f | %.2f |",
-                                         w.name, mode_name, rows.size(), Median(host_t) * 1e3,
-                                         Median(device_t) * 1e3,
-                                         Median(host_t) / Median(device_t), Median(top_t) * 1e3,
-                                         Median(logits_t) * 1e3));
+        served.push_back(absl::StrFormat(
+            "| %s | %s | %zu | %.2f | %.2f | %.2fx | %.2f | %.2f | %.2f | %.2f |", w.name,
+            mode_name, rows.size(), Median(host_t) * 1e3, Median(device_t) * 1e3,
+            Median(host_t) / Median(device_t), Median(top_t) * 1e3, Median(logits_t) * 1e3,
+            Median(pen_host_t) * 1e3, Median(pen_device_t) * 1e3));
       }
       // Device time per phase of one more step, events between the phases.
       gpu.set_profiling(true);
@@ -388,8 +421,9 @@ int Run() {
       "\nServed step (CUDA graphs; every row sampled at temperature 1, as TreeEngine does it; "
       "median):\n\n| workload | mode | rows | step + logits to host + host Samplers ms | step + "
       "device sampling ms | speedup | the same with 20 alternatives a row ms | step + logits to "
-      "host, none sampled (a verification's walk on the host) ms |\n"
-      "|---|---|---|---|---|---|---|---|\n");
+      "host, none sampled (a verification's walk on the host) ms | penalized (repetition, "
+      "frequency, presence), host Samplers ms | penalized, device sampling ms |\n"
+      "|---|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string& line : served) std::printf("%s\n", line.c_str());
   std::printf("\nDevice ms per phase of one step (events between phases, all layers):\n");
   for (const std::string& b : breakdowns) std::printf("- %s\n", b.c_str());

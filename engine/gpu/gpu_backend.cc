@@ -389,7 +389,19 @@ absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
     std::vector<int32_t> rows(sampling->rows.size());
     for (size_t i = 0; i < params.size(); ++i) {
       const StepSampling::Row& r = sampling->rows[i];
-      params[i] = {r.temperature, r.top_k, r.top_p, r.min_p, r.seed, r.step, r.top_logprobs};
+      params[i] = {r.temperature,        r.top_k,           r.top_p,
+                   r.min_p,              r.seed,            r.step,
+                   r.top_logprobs,       r.repetition_penalty, r.frequency_penalty,
+                   r.presence_penalty,   r.penalty_begin,   r.penalty_count};
+      if (r.penalty_count > 0 &&
+          (r.penalty_begin < 0 ||
+           static_cast<size_t>(r.penalty_begin) + static_cast<size_t>(r.penalty_count) >
+               std::min(sampling->penalty_ids.size(), sampling->penalty_counts.size()))) {
+        return absl::InvalidArgumentError(absl::StrCat("sampling row ", i, ": penalty entries [",
+                                                       r.penalty_begin, ", +", r.penalty_count,
+                                                       ") outside the step's ",
+                                                       sampling->penalty_ids.size()));
+      }
       rows[i] = r.logit_row;
       top = std::max(top, std::min(r.top_logprobs, kernels::kMaxTopLogprobs));
     }
@@ -399,7 +411,8 @@ absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
     top_lps.resize(params.size() * top);
     DEFT_RETURN_IF_ERROR(EnqueueSample(params, rows, sampling->tokens.data(),
                                        sampling->logprobs.data(), top,
-                                       top > 0 ? top_ids.data() : nullptr, top_lps.data()));
+                                       top > 0 ? top_ids.data() : nullptr, top_lps.data(),
+                                       sampling->penalty_ids, sampling->penalty_counts));
   }
   if ((!here || sampling->need_logits) && step_rows_ > 0) {
     logits->resize(static_cast<size_t>(step_rows_ * config_.vocab_size));
@@ -427,7 +440,9 @@ absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
 absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParams>& rows,
                                        const std::vector<int32_t>& logit_rows, int32_t* tokens,
                                        float* logprobs, int32_t max_top, int32_t* top_ids,
-                                       float* top_logprobs) {
+                                       float* top_logprobs,
+                                       const std::vector<int32_t>& penalty_ids,
+                                       const std::vector<int32_t>& penalty_counts) {
   const int32_t vocab = static_cast<int32_t>(config_.vocab_size);
   const int32_t n = static_cast<int32_t>(rows.size());
   for (int32_t r : logit_rows) {
@@ -438,7 +453,9 @@ absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParam
   }
   const size_t params_bytes = rows.size() * sizeof(kernels::SampleRowParams);
   const size_t rows_bytes = logit_rows.size() * sizeof(int32_t);
-  DEFT_RETURN_IF_ERROR(sample_params_.Reserve(params_bytes + rows_bytes));
+  const size_t penalty_entries = std::min(penalty_ids.size(), penalty_counts.size());
+  const size_t penalty_bytes = penalty_entries * sizeof(int32_t);
+  DEFT_RETURN_IF_ERROR(sample_params_.Reserve(params_bytes + rows_bytes + 2 * penalty_bytes));
   const size_t top_entries = top_ids != nullptr ? rows.size() * max_top : 0;
   DEFT_RETURN_IF_ERROR(sample_tokens_.Reserve(rows.size() * 8 + top_entries * 8));
   DEFT_RETURN_IF_ERROR(sample_workspace_.Reserve(kernels::SampleWorkspaceBytes(n, vocab)));
@@ -452,6 +469,20 @@ absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParam
         CudaStatus(cudaMemcpyAsync(const_cast<int32_t*>(d_rows), logit_rows.data(), rows_bytes,
                                    cudaMemcpyHostToDevice, stream_),
                    "sampling rows"));
+  }
+  const int32_t* d_penalty_ids = nullptr;
+  const int32_t* d_penalty_counts = nullptr;
+  if (penalty_entries > 0) {
+    // Pageable sources: the copies are staged before they return, so the vectors may go.
+    uint8_t* at = sample_params_.as<uint8_t>() + params_bytes + rows_bytes;
+    d_penalty_ids = reinterpret_cast<const int32_t*>(at);
+    d_penalty_counts = reinterpret_cast<const int32_t*>(at + penalty_bytes);
+    DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(at, penalty_ids.data(), penalty_bytes,
+                                                    cudaMemcpyHostToDevice, stream_),
+                                    "penalty entries"));
+    DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(at + penalty_bytes, penalty_counts.data(),
+                                                    penalty_bytes, cudaMemcpyHostToDevice, stream_),
+                                    "penalty entries"));
   }
   float* d_logprobs = logprobs != nullptr ? sample_tokens_.as<float>() + rows.size() : nullptr;
   int32_t* d_top_ids = top_entries > 0 ? sample_tokens_.as<int32_t>() + 2 * rows.size() : nullptr;
@@ -467,7 +498,9 @@ absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParam
                           d_rows,
                           d_top_ids,
                           d_top_lps,
-                          top_entries > 0 ? max_top : 0};
+                          top_entries > 0 ? max_top : 0,
+                          d_penalty_ids,
+                          d_penalty_counts};
   DEFT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchSample(p, stream_), "sampling"));
   DEFT_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(tokens, sample_tokens_.get(), rows.size() * 4,
                                                   cudaMemcpyDeviceToHost, stream_),
@@ -496,7 +529,8 @@ absl::StatusOr<std::vector<int32_t>> GpuBackend::SampleOnDevice(
   }
   std::vector<int32_t> tokens(rows.size());
   if (rows.empty()) return tokens;
-  DEFT_RETURN_IF_ERROR(EnqueueSample(rows, {}, tokens.data(), nullptr, 0, nullptr, nullptr));
+  DEFT_RETURN_IF_ERROR(
+      EnqueueSample(rows, {}, tokens.data(), nullptr, 0, nullptr, nullptr, {}, {}));
   DEFT_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "sampling"));
   return tokens;
 }

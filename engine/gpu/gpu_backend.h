@@ -92,7 +92,7 @@ class GpuBackend : public StepBackend {
                                    const PartitionPlan& plan);
   const float* device_logits() const { return logits_.as<float>(); }
   // Samples one token per logit row of the last step on the device (sampling.h: the CPU
-  // Sampler's token for the same seed and step, penalties not supported) and waits for them.
+  // Sampler's token for the same seed and step; rows without penalty entries) and waits.
   absl::StatusOr<std::vector<int32_t>> SampleOnDevice(
       const std::vector<kernels::SampleRowParams>& rows);
 
@@ -128,7 +128,8 @@ class GpuBackend : public StepBackend {
   absl::Status EnqueueSample(const std::vector<kernels::SampleRowParams>& rows,
                              const std::vector<int32_t>& logit_rows, int32_t* tokens,
                              float* logprobs, int32_t max_top, int32_t* top_ids,
-                             float* top_logprobs);
+                             float* top_logprobs, const std::vector<int32_t>& penalty_ids,
+                             const std::vector<int32_t>& penalty_counts);
   absl::Status Mark(const char* phase);  // records a profiling event when profiling
   absl::Status Gemm(const void* w, const void* x, void* y, int64_t m, int64_t n, int64_t k,
                     kernels::Dtype out, bool accumulate);

@@ -31,8 +31,8 @@ struct StepInput {
 };
 
 // Rows of a step that its backend may sample next to the logits (StepBackend::ForwardStep's
-// optional `sampling`; the rows' samplers are Sampler::Plain, so each draw is a function of the
-// logits row, the settings and the draw's index). A backend that does so fills tokens, logprobs
+// optional `sampling`: each draw is a function of the logits row, the settings, the draw's index
+// and, with penalties, the sampler's seen tokens given as entries). A backend that does so fills tokens, logprobs
 // and top (one per row, as Sampler::Sample would choose and report them) and sets `sampled`;
 // one that does not leaves `sampled` false and the caller samples from `logits`. When
 // `need_logits` is false and the backend sampled, `logits` may be left untouched (a GPU then
@@ -47,8 +47,17 @@ struct StepSampling {
     uint64_t seed = 0;
     uint64_t step = 0;  // the sampler's draw index (Sampler::steps())
     int32_t top_logprobs = 0;  // alternatives to report (0..20, SamplingParams)
+    // Penalties (SamplingParams) over entries [penalty_begin, + penalty_count) of penalty_ids /
+    // penalty_counts (Sampler::AppendPenaltyEntries).
+    float repetition_penalty = 1.f;
+    float frequency_penalty = 0.f;
+    float presence_penalty = 0.f;
+    int32_t penalty_begin = 0;
+    int32_t penalty_count = 0;
   };
   std::vector<Row> rows;
+  std::vector<int32_t> penalty_ids;
+  std::vector<int32_t> penalty_counts;
   bool need_logits = true;
   // Out.
   bool sampled = false;

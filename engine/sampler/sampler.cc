@@ -158,8 +158,10 @@ SampledToken Sampler::Sample(std::span<const float> logits) {
     }
   }
   if (p.frequency_penalty != 0.f || p.presence_penalty != 0.f) {
+    // One fma (not a product and a sum the compiler may or may not contract): the GPU sampler
+    // rounds the same way (kernels/model/sampling.h).
     for (const auto& [id, count] : output_counts_) {
-      work_[id] -= p.frequency_penalty * count + p.presence_penalty;
+      work_[id] -= std::fma(p.frequency_penalty, static_cast<float>(count), p.presence_penalty);
     }
   }
 
@@ -234,6 +236,24 @@ SampledToken Sampler::Sample(std::span<const float> logits) {
 bool Sampler::Plain() const {
   return params_.repetition_penalty == 1.f && params_.frequency_penalty == 0.f &&
          params_.presence_penalty == 0.f;
+}
+
+void Sampler::AppendPenaltyEntries(std::vector<int32_t>* ids, std::vector<int32_t>* counts) const {
+  const SamplingParams& p = params_;
+  const bool by_count = p.frequency_penalty != 0.f || p.presence_penalty != 0.f;
+  if (p.repetition_penalty != 1.f) {
+    // seen_ holds every output token too (Record).
+    for (const auto& [id, _] : seen_) {
+      auto it = output_counts_.find(id);
+      ids->push_back(id);
+      counts->push_back(by_count && it != output_counts_.end() ? it->second : 0);
+    }
+  } else if (by_count) {
+    for (const auto& [id, count] : output_counts_) {
+      ids->push_back(id);
+      counts->push_back(count);
+    }
+  }
 }
 
 SampledToken Sampler::Record(int32_t id, float logprob) {

@@ -72,6 +72,11 @@ class Sampler {
   // a backend next to the logits (kernels/model/sampling.h reproduces Sample) and handed to
   // Record.
   bool Plain() const;
+  // The state the penalties read, for a backend that applies them itself
+  // (kernels/model/sampling.h): appends every token the next draw penalizes once to `ids`, and
+  // to `counts` its count among this sampler's outputs where frequency or presence penalties
+  // apply (else 0). Nothing when Plain().
+  void AppendPenaltyEntries(std::vector<int32_t>* ids, std::vector<int32_t>* counts) const;
   // Records `id`, chosen for this sampler's next step elsewhere (a backend's draw, as Sample would
   // have made it), exactly as Sample records its own choice; returns it with `logprob`.
   SampledToken Record(int32_t id, float logprob);

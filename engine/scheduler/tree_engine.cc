@@ -610,23 +610,28 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   for (const VerifyRider& r : riders) inflight_verify_tips_.insert({r.job->tree, r.job->node});
   lock.unlock();
   if (options_.before_unlocked_forward) options_.before_unlocked_forward();
-  // Branches whose draw depends on the logits alone (Sampler::Plain) may be sampled by the
-  // backend next to the logits (the GPU: only their tokens and alternatives come back); the host
-  // needs the logits for the rest. A verification with a Plain sampler has every row of its
-  // draft drawn there too: the walk reaches the tip's row at draw 0 and a draft token's row at
-  // draw depth (its sampler's step then), so each row has one possible draw and the walk needs
-  // only the tokens.
+  // Every branch's draw may be made by the backend next to the logits (the GPU: only the tokens
+  // and alternatives come back), penalized ones with their sampler's seen tokens as entries. A
+  // verification with a Plain sampler has every row of its draft drawn there too: the walk
+  // reaches the tip's row at draw 0 and a draft token's row at draw depth (its sampler's step
+  // then), so each row has one possible draw and the walk needs only the tokens. A penalized
+  // verification's rows depend on the path the walk takes: the host walks them on the logits.
   StepSampling sampling;
   sampling.need_logits = false;
   for (size_t i = 0; i < needs.size(); ++i) {
     const Sampler& sm = *needs[i].branch->sampler;
-    if (!sm.Plain()) {
-      sampling.need_logits = true;
-      continue;
-    }
     const SamplingParams& sp = sm.params();
-    sampling.rows.push_back({need_rows[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
-                             static_cast<uint64_t>(sm.steps()), sp.top_logprobs});
+    StepSampling::Row row{need_rows[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
+                          static_cast<uint64_t>(sm.steps()), sp.top_logprobs};
+    if (!sm.Plain()) {
+      row.repetition_penalty = sp.repetition_penalty;
+      row.frequency_penalty = sp.frequency_penalty;
+      row.presence_penalty = sp.presence_penalty;
+      row.penalty_begin = static_cast<int32_t>(sampling.penalty_ids.size());
+      sm.AppendPenaltyEntries(&sampling.penalty_ids, &sampling.penalty_counts);
+      row.penalty_count = static_cast<int32_t>(sampling.penalty_ids.size()) - row.penalty_begin;
+    }
+    sampling.rows.push_back(row);
   }
   for (VerifyRider& r : riders) {
     const SamplingParams& sp = r.job->params;
@@ -679,11 +684,10 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
   // The rows are sampled side by side (each branch has its own sampler), then handled in order.
   std::vector<SampledToken> sampled(needs.size());
   std::vector<size_t> on_host;  // needs sampled here
-  for (size_t i = 0, d = 0; i < needs.size(); ++i) {
-    if (sampling.sampled && needs[i].branch->sampler->Plain()) {
-      sampled[i] = needs[i].branch->sampler->Record(sampling.tokens[d], sampling.logprobs[d]);
-      sampled[i].top = std::move(sampling.top[d]);
-      ++d;
+  for (size_t i = 0; i < needs.size(); ++i) {
+    if (sampling.sampled) {  // rows [0, needs.size()) are the needs', in order
+      sampled[i] = needs[i].branch->sampler->Record(sampling.tokens[i], sampling.logprobs[i]);
+      sampled[i].top = std::move(sampling.top[i]);
     } else {
       on_host.push_back(i);
     }

@@ -370,6 +370,7 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
   __shared__ Agg scratch[kSplit][kThreads / 32];  // the last row: RowSums' results
   
   __shared__ float s_max[kThreads / 32];
+  __shared__ float s_raw_max[kThreads / 32];  // penalized rows
   __shared__ int32_t s_arg[kThreads / 32];
   __shared__ int32_t s_top_ids[kMaxTopLogprobs];
   __shared__ uint32_t s_top_keys[kMaxTopLogprobs];
@@ -379,11 +380,44 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
   const SampleRowParams rp = p.row_params[row];
   const int32_t logit_row = p.logit_rows != nullptr ? p.logit_rows[row] : row;
   const float* logits = p.logits + static_cast<int64_t>(logit_row) * p.vocab;
+  float* work = p.workspace + static_cast<int64_t>(row) * p.vocab;
 
-  // Max and first argmax of the raw logits.
+  // The logits the draw chooses from: the raw row, or (penalties) the row copied into the
+  // workspace with the sampler's seen tokens rewritten there (the CPU's order: repetition, then
+  // frequency and presence; each entry's id is unique, so the rewrites do not race). The
+  // temperature pass below turns the workspace row into p in place.
+  const bool penalized = rp.penalty_count > 0 &&
+                         (rp.repetition_penalty != 1.f || rp.frequency_penalty != 0.f ||
+                          rp.presence_penalty != 0.f);
+  float raw_max = -INFINITY;  // penalized rows: the raw logits' max, for their log-sum-exp
+  if (penalized) {
+    ForEachEntry(logits, p.vocab, [&](int32_t i, float v) {
+      work[i] = v;
+      raw_max = fmaxf(raw_max, v);
+    });
+    cluster.sync();  // the copies before the rewrites (which may be another CTA's entries)
+    for (int32_t e = RowThread(); e < rp.penalty_count; e += RowThreads()) {
+      const int32_t id = p.penalty_ids[rp.penalty_begin + e];
+      const int32_t count = p.penalty_counts[rp.penalty_begin + e];
+      if (id < 0 || id >= p.vocab) continue;
+      float v = logits[id];
+      if (rp.repetition_penalty != 1.f) {
+        v = v > 0.f ? __fdiv_rn(v, rp.repetition_penalty) : __fmul_rn(v, rp.repetition_penalty);
+      }
+      if (count > 0) {
+        v = __fsub_rn(v, __fmaf_rn(rp.frequency_penalty, static_cast<float>(count),
+                                   rp.presence_penalty));
+      }
+      work[id] = v;
+    }
+    cluster.sync();
+  }
+  const float* sel = penalized ? work : logits;
+
+  // Max and first argmax of the logits the draw chooses from.
   float mx = -INFINITY;
   int32_t arg = INT32_MAX;
-  ForEachEntry(logits, p.vocab, [&](int32_t i, float v) { TakeMax(v, i, mx, arg); });
+  ForEachEntry(sel, p.vocab, [&](int32_t i, float v) { TakeMax(v, i, mx, arg); });
   WarpMax(mx, arg);
   if (threadIdx.x % 32 == 0) {
     s_max[threadIdx.x / 32] = mx;
@@ -416,20 +450,30 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
                         : min(min(rp.top_logprobs, p.max_top_logprobs), min(p.vocab, kMaxTopLogprobs));
   double lse = 0.0;
   if (p.out_logprobs != nullptr || top_n > 0) {
+    if (penalized) {  // the cluster's raw max (each CTA's threads saw a part of the row)
+      for (int o = 16; o > 0; o >>= 1) raw_max = fmaxf(raw_max, __shfl_xor_sync(~0u, raw_max, o));
+      if (threadIdx.x % 32 == 0) s_raw_max[threadIdx.x / 32] = raw_max;
+      cluster.sync();
+      for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
+        for (int w = 0; w < kThreads / 32; ++w) {
+          raw_max = fmaxf(raw_max, cluster.map_shared_rank(&s_raw_max[0], r)[w]);
+        }
+      }
+    }
+    const double shift = penalized ? raw_max : mx;
     Agg e{0.0, 0};
     ForEachEntry(logits, p.vocab,
-                 [&](int32_t, float v) { e.sum += exp(static_cast<double>(v) - mx); });
-    lse = mx + log(BlockSum(e, scratch).sum);
+                 [&](int32_t, float v) { e.sum += exp(static_cast<double>(v) - shift); });
+    lse = shift + log(BlockSum(e, scratch).sum);
   }
 
   int32_t chosen = arg;
   if (rp.temperature != 0.f) {
     // p_i = expf((v - max) * (1 / T)), as the CPU computes it, kept as bits in the workspace.
-    uint32_t* pbits =
-        reinterpret_cast<uint32_t*>(p.workspace) + static_cast<int64_t>(row) * p.vocab;
+    uint32_t* pbits = reinterpret_cast<uint32_t*>(work);
     const float inv_t = 1.f / rp.temperature;
     Agg t{0.0, 0};
-    ForEachEntry(logits, p.vocab, [&](int32_t i, float l) {
+    ForEachEntry(sel, p.vocab, [&](int32_t i, float l) {  // in place when penalized
       const float v = expf((l - mx) * inv_t);
       pbits[i] = __float_as_uint(v);
       t.sum += v;

@@ -1,6 +1,10 @@
 // Next-token selection on the GPU from fp32 logits, a cluster of 1-4 CTAs per row (as many as
 // the SMs hold for the step's rows), reproducing the CPU
-// Sampler (engine/sampler/sampler.cc) for temperature / top-k / top-p / min-p (no penalties):
+// Sampler (engine/sampler/sampler.cc) for repetition / frequency / presence penalties and
+// temperature / top-k / top-p / min-p:
+//  - penalties: the row is copied into the workspace and its seen tokens rewritten there, as
+//    the CPU does (a division / product / fma each, rounded the same way); the draw then reads
+//    that copy, the log-probabilities the raw row;
 //  - temperature 0: greedy, the lowest id among equal maxima;
 //  - else p_i = expf((logit_i - max) / T) (fp32, as the CPU), total = sum in fp64; candidates in
 //    the order (p desc, id asc); keep the first min(top_k, ...) and the shortest prefix whose sum
@@ -31,6 +35,15 @@ struct SampleRowParams {
   uint64_t seed = 0;
   uint64_t step = 0;  // the Sampler's step counter (which draw of the seed's stream)
   int32_t top_logprobs = 0;  // alternatives to report (TopLogprobs), 0..kMaxTopLogprobs
+  // Penalties (the CPU Sampler's, sampler.h), over entries [penalty_begin, + penalty_count) of
+  // SampleParams::penalty_ids / penalty_counts: the sampler's seen tokens, each once, with its
+  // count among the sampler's outputs (0: seen in the prompt only). The repetition penalty
+  // rewrites every entry, frequency and presence those with a count.
+  float repetition_penalty = 1.f;
+  float frequency_penalty = 0.f;
+  float presence_penalty = 0.f;
+  int32_t penalty_begin = 0;
+  int32_t penalty_count = 0;
 };
 
 constexpr int32_t kMaxTopLogprobs = 32;
@@ -51,6 +64,9 @@ struct SampleParams {
   int32_t* out_top_ids = nullptr;
   float* out_top_logprobs = nullptr;
   int32_t max_top_logprobs = 0;
+  // Device arrays of the rows' penalty entries (SampleRowParams); may be null when no row has any.
+  const int32_t* penalty_ids = nullptr;
+  const int32_t* penalty_counts = nullptr;
 };
 
 size_t SampleWorkspaceBytes(int32_t rows, int32_t vocab);

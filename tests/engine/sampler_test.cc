@@ -264,6 +264,55 @@ TEST(Sampler, PlainOnlyWithoutPenalties) {
   }
 }
 
+// The entries a backend gets for penalties (AppendPenaltyEntries), applied by the rule the GPU
+// sampler applies them (kernels/model/sampling.h: repetition over every entry, then frequency
+// and presence by count, one fma), turn the raw logits into those the penalized sampler draws
+// from: a Plain sampler at the same step draws the same token from them.
+TEST(Sampler, PenaltyEntriesReproduceThePenalizedDraw) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.f, 2.f);
+  const int vocab = 300;
+  for (int trial = 0; trial < 200; ++trial) {
+    SamplingParams p;
+    p.temperature = trial % 4 == 0 ? 0.f : 0.9f;
+    p.top_p = trial % 3 == 0 ? 0.8f : 1.f;
+    p.seed = rng();
+    p.repetition_penalty = trial % 5 == 1 ? 1.f : (trial % 2 ? 1.3f : 0.7f);
+    p.frequency_penalty = trial % 5 == 2 ? 0.f : 0.4f;
+    p.presence_penalty = trial % 5 == 3 ? 0.f : -0.3f;
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 20; ++i) prompt.push_back(static_cast<int32_t>(rng() % 40));
+    Sampler penalized(p, prompt);
+    ASSERT_FALSE(penalized.Plain());
+    for (int i = 0; i < 15; ++i) penalized.Record(static_cast<int32_t>(rng() % 60), 0.f);
+    std::vector<float> logits(vocab);
+    for (float& v : logits) v = normal(rng);
+    for (int i = 0; i < 10; ++i) logits[rng() % 40] += 4.f;  // penalized tokens near the top
+
+    std::vector<int32_t> ids, counts;
+    penalized.AppendPenaltyEntries(&ids, &counts);
+    ASSERT_EQ(ids.size(), counts.size());
+    ASSERT_EQ(std::set<int32_t>(ids.begin(), ids.end()).size(), ids.size()) << "ids repeat";
+    std::vector<float> work = logits;
+    for (size_t e = 0; e < ids.size(); ++e) {
+      float& v = work[ids[e]];
+      if (p.repetition_penalty != 1.f) {
+        v = v > 0.f ? v / p.repetition_penalty : v * p.repetition_penalty;
+      }
+      if (counts[e] > 0) {
+        v -= std::fma(p.frequency_penalty, static_cast<float>(counts[e]), p.presence_penalty);
+      }
+    }
+    SamplingParams plain_p = p;
+    plain_p.repetition_penalty = 1.f;
+    plain_p.frequency_penalty = 0.f;
+    plain_p.presence_penalty = 0.f;
+    Sampler plain(plain_p, {});
+    while (plain.steps() < penalized.steps()) plain.Record(0, 0.f);
+    EXPECT_EQ(plain.Sample(work).id, penalized.Sample(logits).id) << "trial " << trial;
+  }
+}
+
 TEST(SamplingParams, ValidateNamesTheField) {
   auto msg = [](auto mutate) {
     SamplingParams p;

@@ -1,7 +1,9 @@
 // Device sampling (kernels/model/sampling.h) gives the CPU Sampler's token for the same logits,
 // seed and step, over random logits (with ties), every filter alone and combined; greedy is the
 // first argmax; the reported log-probability is the CPU's.
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -25,6 +27,9 @@ struct Case {
   int32_t top_k;
   float top_p;
   float min_p;
+  float repetition_penalty = 1.f;
+  float frequency_penalty = 0.f;
+  float presence_penalty = 0.f;
 };
 
 class DeviceSamplingTest : public ::testing::Test {
@@ -40,19 +45,71 @@ class DeviceSamplingTest : public ::testing::Test {
     std::normal_distribution<float> normal(0.f, 3.f);
     std::vector<float> logits(size_t(rows) * vocab);
     for (auto& v : logits) v = ties ? std::round(normal(rng) * 2.f) / 2.f : normal(rng);
+    std::vector<int32_t> logit_rows(rows);
+    for (int r = 0; r < rows; ++r) logit_rows[r] = gather ? r / 2 : r;
+    // Each row's CPU sampler, brought to the draw the device makes: a prompt and recorded
+    // outputs (with repeats, half among the row's best logits, so the penalties move the
+    // draw) where the case has penalties, then r % 5 draws of its own.
     std::vector<kernels::SampleRowParams> params(rows);
+    std::vector<Sampler> cpu;
+    std::vector<int32_t> penalty_ids, penalty_counts;
     for (int r = 0; r < rows; ++r) {
       const Case& c = cases[r % cases.size()];
+      SamplingParams sp;
+      sp.temperature = c.temperature;
+      sp.top_k = c.top_k;
+      sp.top_p = c.top_p;
+      sp.min_p = c.min_p;
+      sp.repetition_penalty = c.repetition_penalty;
+      sp.frequency_penalty = c.frequency_penalty;
+      sp.presence_penalty = c.presence_penalty;
+      sp.seed = rng();
       // Alternatives asked on two rows of three: 5, or the most the device takes.
-      const int32_t top = r % 3 == 0 ? 0 : (r % 3 == 1 ? 5 : kernels::kMaxTopLogprobs);
-      params[r] = {c.temperature, c.top_k, c.top_p, c.min_p, rng(), uint64_t(r % 5), top};
+      sp.top_logprobs = r % 3 == 0 ? 0 : (r % 3 == 1 ? 5 : kernels::kMaxTopLogprobs);
+      std::span<const float> row(&logits[size_t(logit_rows[r]) * vocab], vocab);
+      std::vector<int32_t> best(static_cast<size_t>(vocab));
+      std::iota(best.begin(), best.end(), 0);
+      std::partial_sort(best.begin(), best.begin() + 8, best.end(),
+                        [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+      best.resize(8);
+      auto pick = [&] {
+        return rng() % 2 == 0 ? best[rng() % best.size()] : static_cast<int32_t>(rng() % vocab);
+      };
+      std::vector<int32_t> prompt;
+      const bool penalized = !Sampler(sp, {}).Plain();
+      if (penalized) {
+        for (int i = 0; i < 30; ++i) prompt.push_back(pick());
+      }
+      cpu.emplace_back(sp, prompt);
+      if (penalized) {
+        for (int i = 0; i < 12; ++i) cpu.back().Record(pick(), 0.f);
+      }
+      for (int s = 0; s < r % 5; ++s) cpu.back().Sample(row);
+      const int32_t begin = static_cast<int32_t>(penalty_ids.size());
+      cpu.back().AppendPenaltyEntries(&penalty_ids, &penalty_counts);
+      params[r] = {sp.temperature,
+                   sp.top_k,
+                   sp.top_p,
+                   sp.min_p,
+                   sp.seed,
+                   static_cast<uint64_t>(cpu.back().steps()),
+                   sp.top_logprobs,
+                   sp.repetition_penalty,
+                   sp.frequency_penalty,
+                   sp.presence_penalty,
+                   begin,
+                   static_cast<int32_t>(penalty_ids.size()) - begin};
+      if (penalized) {
+        EXPECT_GT(params[r].penalty_count, 0) << "row " << r;
+      }
     }
+    penalty_ids.push_back(0);  // never empty (Upload)
+    penalty_counts.push_back(0);
+    DeviceBuffer d_pen_ids = Upload(penalty_ids), d_pen_counts = Upload(penalty_counts);
     DeviceBuffer d_logits = Upload(logits), d_params = Upload(params);
     DeviceBuffer d_tokens = Poisoned(rows * 4), d_lp = Poisoned(rows * 4);
     const int32_t max_top = kernels::kMaxTopLogprobs;
     DeviceBuffer d_top_ids = Poisoned(rows * max_top * 4), d_top_lps = Poisoned(rows * max_top * 4);
-    std::vector<int32_t> logit_rows(rows);
-    for (int r = 0; r < rows; ++r) logit_rows[r] = gather ? r / 2 : r;
     DeviceBuffer d_rows = Upload(logit_rows);
     DeviceBuffer d_ws;
     ASSERT_TRUE(d_ws.Reserve(kernels::SampleWorkspaceBytes(rows, vocab)).ok());
@@ -66,7 +123,9 @@ class DeviceSamplingTest : public ::testing::Test {
                             gather ? d_rows.as<int32_t>() : nullptr,
                             d_top_ids.as<int32_t>(),
                             d_top_lps.as<float>(),
-                            max_top};
+                            max_top,
+                            d_pen_ids.as<int32_t>(),
+                            d_pen_counts.as<int32_t>()};
     DEFT_CUDA_OK(kernels::LaunchSample(p, nullptr));
     const auto tokens = Download<int32_t>(d_tokens, rows);
     const auto lps = Download<float>(d_lp, rows);
@@ -74,21 +133,15 @@ class DeviceSamplingTest : public ::testing::Test {
     const auto top_lps = Download<float>(d_top_lps, rows * max_top);
     int disagreements = 0;
     for (int r = 0; r < rows; ++r) {
-      SamplingParams sp;
-      sp.temperature = params[r].temperature;
-      sp.top_k = params[r].top_k;
-      sp.top_p = params[r].top_p;
-      sp.min_p = params[r].min_p;
-      sp.seed = params[r].seed;
-      sp.top_logprobs = params[r].top_logprobs;
-      Sampler cpu(sp, {});
+      const SamplingParams& sp = cpu[r].params();
       std::span<const float> row(&logits[size_t(logit_rows[r]) * vocab], vocab);
-      for (uint64_t s = 0; s < params[r].step; ++s) cpu.Sample(row);
-      const SampledToken want = cpu.Sample(row);
+      const SampledToken want = cpu[r].Sample(row);
       if (tokens[r] != want.id) {
         ++disagreements;
         ADD_FAILURE() << "row " << r << " (T=" << sp.temperature << " k=" << sp.top_k
-                      << " p=" << sp.top_p << " min_p=" << sp.min_p << " step " << params[r].step
+                      << " p=" << sp.top_p << " min_p=" << sp.min_p << " rep "
+                      << sp.repetition_penalty << " freq " << sp.frequency_penalty << " pres "
+                      << sp.presence_penalty << " step " << params[r].step
                       << "): device " << tokens[r] << ", cpu " << want.id;
         continue;
       }
@@ -115,7 +168,22 @@ const std::vector<Case> kCases = {
     {1.f, 0, 0.3f, 0.f},       // a short top-p prefix
 };
 
+// Penalties (the CPU's rules: repetition over prompt and outputs, frequency and presence over
+// outputs), alone and with the filters, penalties below 1 / negative ones (boosts) included.
+const std::vector<Case> kPenaltyCases = {
+    {0.f, 0, 1.f, 0.f, 1.3f},                 // greedy, repetition
+    {1.f, 0, 1.f, 0.f, 1.f, 0.5f, 0.3f},      // frequency + presence
+    {0.8f, 50, 0.95f, 0.02f, 1.1f, 0.2f, -0.4f},
+    {0.f, 0, 1.f, 0.f, 1.f, -1.5f, 0.f},      // greedy, a boost by count
+    {1.f, 0, 0.9f, 0.f, 0.8f},                // repetition below 1
+    {0.7f, 40, 1.f, 0.f, 1.2f, 0.f, 2.f},
+    {1.f, 0, 1.f, 0.f},                       // no penalty beside penalized rows
+};
+
 TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerSmallVocab) { Check(5000, 64, kCases, false); }
+TEST_F(DeviceSamplingTest, PenaltiesAsTheCpuSampler) { Check(5000, 64, kPenaltyCases, false); }
+TEST_F(DeviceSamplingTest, PenaltiesWithTiedLogits) { Check(3000, 64, kPenaltyCases, true); }
+TEST_F(DeviceSamplingTest, PenaltiesLlama3VocabFewRows) { Check(128256, 7, kPenaltyCases, false); }
 
 TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerWithTiedLogits) { Check(3000, 64, kCases, true); }
 

@@ -200,8 +200,8 @@ TEST_P(GpuTreeEngineTest, BatchInvariantBranchDecodesAloneAsBesideOthers) {
 
 // Sampled branches draw on the device (GpuBackendOptions::device_sampling: only their tokens
 // come back) and get the tokens, log-probabilities and top_logprobs alternatives the host's
-// Samplers give from the same logits (device_sampling off), with every sampling setting the
-// device takes, beside a branch whose penalties keep it on the host in the same steps. The
+// Samplers give from the same logits (device_sampling off), with every sampling setting:
+// filters, repetition penalty over the prompt and outputs, frequency and presence penalties. The
 // kernels are batch-invariant: the two runs' steps need not group the branches alike (the
 // device run's shorter steps let the scheduler start some sooner), and without it the logits
 // of the two runs differed by up to 5e-3 nats on the H100.
@@ -215,10 +215,10 @@ TEST_P(GpuTreeEngineTest, DeviceSamplingDrawsTheHostSamplersTokens) {
     auto engine = InvariantGpuEngine(device_sampling, GetParam(), &gpu);
     auto tree = (*engine)->CreateTree(prompt);
     EXPECT_TRUE(tree.ok());
-    auto kids = (*engine)->Fork(*tree, 0, static_cast<int64_t>(prompt.size()), 6);
+    auto kids = (*engine)->Fork(*tree, 0, static_cast<int64_t>(prompt.size()), 7);
     EXPECT_TRUE(kids.ok());
-    std::vector<BranchRequest> branches(6);
-    for (int i = 0; i < 6; ++i) {
+    std::vector<BranchRequest> branches(7);
+    for (int i = 0; i < 7; ++i) {
       BranchRequest& r = branches[i];
       r.node = (*kids)[i];
       r.params.max_tokens = kTokens;
@@ -238,19 +238,25 @@ TEST_P(GpuTreeEngineTest, DeviceSamplingDrawsTheHostSamplersTokens) {
     branches[4].params.top_k = 5;
     branches[4].params.top_p = 0.6f;
     branches[5].params.temperature = 0.9f;
-    branches[5].params.repetition_penalty = 1.2f;  // on the host
+    branches[5].params.repetition_penalty = 1.2f;
+    branches[5].params.top_p = 0.95f;
+    branches[6].params.temperature = 0.f;  // greedy, pushed off its repeats
+    branches[6].params.frequency_penalty = 0.8f;
+    branches[6].params.presence_penalty = 0.4f;
+    branches[6].params.repetition_penalty = 1.1f;
+    branches[6].params.top_logprobs = 2;
     std::map<NodeId, Branch> got = RunBranches(**engine, *tree, branches);
     *device_rows = gpu->device_sampled_rows();
     std::vector<Branch> out;
-    for (int i = 0; i < 6; ++i) out.push_back(got[(*kids)[i]]);
+    for (int i = 0; i < 7; ++i) out.push_back(got[(*kids)[i]]);
     return out;
   };
   int64_t device_rows = 0, host_rows = 0;
   const std::vector<Branch> device = run(true, &device_rows);
   const std::vector<Branch> host = run(false, &host_rows);
   EXPECT_EQ(host_rows, 0);
-  EXPECT_EQ(device_rows, 5 * kTokens);  // every draw of branches 0-4
-  for (int i = 0; i < 6; ++i) {
+  EXPECT_EQ(device_rows, 7 * kTokens);  // every draw of every branch
+  for (int i = 0; i < 7; ++i) {
     ASSERT_EQ(device[i].tokens.size(), size_t{kTokens}) << "branch " << i;
     EXPECT_EQ(device[i].tokens, host[i].tokens) << "branch " << i;
     for (int p = 0; p < kTokens; ++p) {
