@@ -392,15 +392,18 @@ absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
       params[i] = {r.temperature,        r.top_k,           r.top_p,
                    r.min_p,              r.seed,            r.step,
                    r.top_logprobs,       r.repetition_penalty, r.frequency_penalty,
-                   r.presence_penalty,   r.penalty_begin,   r.penalty_count};
-      if (r.penalty_count > 0 &&
-          (r.penalty_begin < 0 ||
-           static_cast<size_t>(r.penalty_begin) + static_cast<size_t>(r.penalty_count) >
-               std::min(sampling->penalty_ids.size(), sampling->penalty_counts.size()))) {
-        return absl::InvalidArgumentError(absl::StrCat("sampling row ", i, ": penalty entries [",
-                                                       r.penalty_begin, ", +", r.penalty_count,
-                                                       ") outside the step's ",
-                                                       sampling->penalty_ids.size()));
+                   r.presence_penalty,   r.penalty_begin,   r.penalty_count,
+                   r.override_begin,     r.override_count};
+      const size_t entries = std::min(sampling->penalty_ids.size(), sampling->penalty_counts.size());
+      for (auto [begin, count] : {std::pair(r.penalty_begin, r.penalty_count),
+                                  std::pair(r.override_begin, r.override_count)}) {
+        if (count < 0 || (count > 0 && (begin < 0 || static_cast<size_t>(begin) +
+                                                             static_cast<size_t>(count) >
+                                                         entries))) {
+          return absl::InvalidArgumentError(absl::StrCat("sampling row ", i, ": penalty entries [",
+                                                         begin, ", +", count,
+                                                         ") outside the step's ", entries));
+        }
       }
       rows[i] = r.logit_row;
       top = std::max(top, std::min(r.top_logprobs, kernels::kMaxTopLogprobs));

@@ -48,12 +48,15 @@ struct StepSampling {
     uint64_t step = 0;  // the sampler's draw index (Sampler::steps())
     int32_t top_logprobs = 0;  // alternatives to report (0..20, SamplingParams)
     // Penalties (SamplingParams) over entries [penalty_begin, + penalty_count) of penalty_ids /
-    // penalty_counts (Sampler::AppendPenaltyEntries).
+    // penalty_counts (Sampler::AppendPenaltyEntries), then [override_begin, + override_count),
+    // whose ids replace their entries in the first range (kernels/model/sampling.h).
     float repetition_penalty = 1.f;
     float frequency_penalty = 0.f;
     float presence_penalty = 0.f;
     int32_t penalty_begin = 0;
     int32_t penalty_count = 0;
+    int32_t override_begin = 0;
+    int32_t override_count = 0;
   };
   std::vector<Row> rows;
   std::vector<int32_t> penalty_ids;

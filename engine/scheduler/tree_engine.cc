@@ -601,21 +601,13 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
     r.own_tokens = r.tip_pending + (step.num_tokens() - before);
   }
 
-  // 5. Plan and run.
-  // The forward pass runs without the lock: the step's inputs are in `step`, its slots reserved.
-  // Until it ends, operations that could move or free what it reads or writes (Fork, Extend,
-  // Prune, DeleteTree, BeamSearch, Generate on a verification's tip) wait in WaitForStepLocked;
-  // the rest (CreateTree, Generate, Cancel, Verify's queueing, reads) go ahead.
-  step_in_flight_ = true;
-  for (const VerifyRider& r : riders) inflight_verify_tips_.insert({r.job->tree, r.job->node});
-  lock.unlock();
-  if (options_.before_unlocked_forward) options_.before_unlocked_forward();
-  // Every branch's draw may be made by the backend next to the logits (the GPU: only the tokens
-  // and alternatives come back), penalized ones with their sampler's seen tokens as entries. A
-  // verification with a Plain sampler has every row of its draft drawn there too: the walk
-  // reaches the tip's row at draw 0 and a draft token's row at draw depth (its sampler's step
-  // then), so each row has one possible draw and the walk needs only the tokens. A penalized
-  // verification's rows depend on the path the walk takes: the host walks them on the logits.
+  // Every draw of the step may be made by the backend next to the logits (the GPU: only the
+  // tokens and alternatives come back), a penalized one with its sampler's seen tokens as
+  // entries (built here, under the lock: a verification's come from its tip's path). A
+  // verification has every row of its draft drawn there too: the walk reaches the tip's row at
+  // draw 0 with the path as the penalties' prompt, and a draft token's row at draw depth with
+  // the draft tokens from the tip down to it as the sampler's outputs, so each row has one
+  // possible draw and the walk needs only the tokens.
   StepSampling sampling;
   sampling.need_logits = false;
   for (size_t i = 0; i < needs.size(); ++i) {
@@ -634,19 +626,62 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
     sampling.rows.push_back(row);
   }
   for (VerifyRider& r : riders) {
-    const SamplingParams& sp = r.job->params;
-    if (!Sampler(sp, {}).Plain()) {
-      sampling.need_logits = true;
-      continue;
+    const VerifyJob& job = *r.job;
+    const SamplingParams& sp = job.params;
+    StepSampling::Row tip{r.tip_logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
+                          0, 0};
+    const bool plain = Sampler(sp, {}).Plain();
+    if (!plain) {
+      std::vector<int32_t> history;
+      const std::vector<const TreeNode*> path = *cache_->Path(job.tree, job.node);
+      for (const TreeNode* nd : path) {
+        history.insert(history.end(), nd->tokens.begin(), nd->tokens.end());
+      }
+      tip.repetition_penalty = sp.repetition_penalty;
+      tip.frequency_penalty = sp.frequency_penalty;
+      tip.presence_penalty = sp.presence_penalty;
+      tip.penalty_begin = static_cast<int32_t>(sampling.penalty_ids.size());
+      Sampler(sp, history).AppendPenaltyEntries(&sampling.penalty_ids, &sampling.penalty_counts);
+      tip.penalty_count = static_cast<int32_t>(sampling.penalty_ids.size()) - tip.penalty_begin;
     }
     r.draws = static_cast<int32_t>(sampling.rows.size());
-    sampling.rows.push_back({r.tip_logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
-                             0, 0});
+    sampling.rows.push_back(tip);
+    std::vector<std::pair<int32_t, int32_t>> outputs;  // a draft path's (token, count)
     for (size_t i = 0; i < r.draft_logits.size(); ++i) {
-      sampling.rows.push_back({r.draft_logits[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p,
-                               sp.seed, static_cast<uint64_t>(r.job->depth[i]), 0});
+      StepSampling::Row row = tip;
+      row.logit_row = r.draft_logits[i];
+      row.step = static_cast<uint64_t>(job.depth[i]);
+      if (!plain) {
+        outputs.clear();
+        for (int32_t a = static_cast<int32_t>(i); a >= 0; a = job.parents[a]) {
+          auto it = std::find_if(outputs.begin(), outputs.end(),
+                                 [&](const auto& o) { return o.first == job.draft[a]; });
+          if (it == outputs.end()) {
+            outputs.push_back({job.draft[a], 1});
+          } else {
+            ++it->second;
+          }
+        }
+        row.override_begin = static_cast<int32_t>(sampling.penalty_ids.size());
+        row.override_count = static_cast<int32_t>(outputs.size());
+        for (const auto& [id, count] : outputs) {
+          sampling.penalty_ids.push_back(id);
+          sampling.penalty_counts.push_back(count);
+        }
+      }
+      sampling.rows.push_back(row);
     }
   }
+
+  // 5. Plan and run.
+  // The forward pass runs without the lock: the step's inputs are in `step`, its slots reserved.
+  // Until it ends, operations that could move or free what it reads or writes (Fork, Extend,
+  // Prune, DeleteTree, BeamSearch, Generate on a verification's tip) wait in WaitForStepLocked;
+  // the rest (CreateTree, Generate, Cancel, Verify's queueing, reads) go ahead.
+  step_in_flight_ = true;
+  for (const VerifyRider& r : riders) inflight_verify_tips_.insert({r.job->tree, r.job->node});
+  lock.unlock();
+  if (options_.before_unlocked_forward) options_.before_unlocked_forward();
   std::vector<float> logits;
   absl::Status s = step.Run(planner_, &plan_, *model_, *pool_, &logits, &sampling);
   lock.lock();

@@ -237,9 +237,9 @@ class TreeEngine {
     int32_t tip_logits = -1;
     std::vector<int32_t> draft_logits;
     int64_t own_tokens = 0;  // tokens of the step that belong to this verification
-    // Where the backend drew the walk's tokens (a Plain sampler): StepSampling row of the tip's
-    // draw, then one per draft token (its row's draw, at the step the walk reaches it); -1 when
-    // the walk samples the logits on the host.
+    // Where the backend drew the walk's tokens: StepSampling row of the tip's draw, then one per
+    // draft token (its row's draw, at the step and with the outputs the walk reaches it with);
+    // the walk samples the logits on the host when the backend did not draw.
     int32_t draws = -1;
   };
 

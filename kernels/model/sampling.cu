@@ -386,31 +386,36 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
   // workspace with the sampler's seen tokens rewritten there (the CPU's order: repetition, then
   // frequency and presence; each entry's id is unique, so the rewrites do not race). The
   // temperature pass below turns the workspace row into p in place.
-  const bool penalized = rp.penalty_count > 0 &&
+  const bool penalized = (rp.penalty_count > 0 || rp.override_count > 0) &&
                          (rp.repetition_penalty != 1.f || rp.frequency_penalty != 0.f ||
                           rp.presence_penalty != 0.f);
   float raw_max = -INFINITY;  // penalized rows: the raw logits' max, for their log-sum-exp
-  if (penalized) {
-    ForEachEntry(logits, p.vocab, [&](int32_t i, float v) {
-      work[i] = v;
-      raw_max = fmaxf(raw_max, v);
-    });
-    cluster.sync();  // the copies before the rewrites (which may be another CTA's entries)
-    for (int32_t e = RowThread(); e < rp.penalty_count; e += RowThreads()) {
-      const int32_t id = p.penalty_ids[rp.penalty_begin + e];
-      const int32_t count = p.penalty_counts[rp.penalty_begin + e];
+  // Entries [begin, + count): each id's raw logit rewritten into the workspace row.
+  auto rewrite = [&](int32_t begin, int32_t count) {
+    for (int32_t e = RowThread(); e < count; e += RowThreads()) {
+      const int32_t id = p.penalty_ids[begin + e];
+      const int32_t n = p.penalty_counts[begin + e];
       if (id < 0 || id >= p.vocab) continue;
       float v = logits[id];
       if (rp.repetition_penalty != 1.f) {
         v = v > 0.f ? __fdiv_rn(v, rp.repetition_penalty) : __fmul_rn(v, rp.repetition_penalty);
       }
-      if (count > 0) {
-        v = __fsub_rn(v, __fmaf_rn(rp.frequency_penalty, static_cast<float>(count),
+      if (n > 0) {
+        v = __fsub_rn(v, __fmaf_rn(rp.frequency_penalty, static_cast<float>(n),
                                    rp.presence_penalty));
       }
       work[id] = v;
     }
-    cluster.sync();
+    cluster.sync();  // before the next pass reads them (which may be another CTA's entries)
+  };
+  if (penalized) {
+    ForEachEntry(logits, p.vocab, [&](int32_t i, float v) {
+      work[i] = v;
+      raw_max = fmaxf(raw_max, v);
+    });
+    cluster.sync();  // the copies before the rewrites
+    if (rp.penalty_count > 0) rewrite(rp.penalty_begin, rp.penalty_count);
+    if (rp.override_count > 0) rewrite(rp.override_begin, rp.override_count);
   }
   const float* sel = penalized ? work : logits;
 

@@ -44,6 +44,11 @@ struct SampleRowParams {
   float presence_penalty = 0.f;
   int32_t penalty_begin = 0;
   int32_t penalty_count = 0;
+  // More entries, applied after those (an id here replaces its entry there): rows that share
+  // their first entries (a verification's draft rows: the prompt's tokens) and differ in a few
+  // (each row's draft path).
+  int32_t override_begin = 0;
+  int32_t override_count = 0;
 };
 
 constexpr int32_t kMaxTopLogprobs = 32;

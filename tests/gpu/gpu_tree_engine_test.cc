@@ -273,12 +273,12 @@ TEST_P(GpuTreeEngineTest, DeviceSamplingDrawsTheHostSamplersTokens) {
   }
 }
 
-// Verifications whose sampler is Plain have every row of the draft drawn on the device (the
-// tip's at draw 0, a draft token's at its depth) and only the tokens come back: the walk
-// accepts the same draft tokens, commits the same tokens with the same log-probabilities as the
-// host's walk over the logits (device_sampling off), greedy and sampled, beside a penalized
-// verification that walks the logits on the host (batch-invariant kernels: the four concurrent
-// verifications may share steps differently in the two runs).
+// Verifications have every row of the draft drawn on the device (the tip's at draw 0, a draft
+// token's at its depth, penalized with the path and the draft tokens above it) and only the
+// tokens come back: the walk accepts the same draft tokens, commits the same tokens with the
+// same log-probabilities as the host's walk over the logits (device_sampling off), greedy,
+// sampled and penalized (batch-invariant kernels: the five concurrent verifications may share
+// steps differently in the two runs).
 TEST_P(GpuTreeEngineTest, DeviceDrawnVerificationsMatchTheHostWalk) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("prompt seed " + std::to_string(seed));
@@ -303,7 +303,7 @@ TEST_P(GpuTreeEngineTest, DeviceDrawnVerificationsMatchTheHostWalk) {
     }
     draft.push_back((g[2] + 3) % 8192);
     parents.push_back(6);
-    std::vector<SamplingParams> params(4);
+    std::vector<SamplingParams> params(5);
     params[0].temperature = 0.f;
     params[1].temperature = 0.8f;
     params[1].seed = seed;
@@ -311,13 +311,17 @@ TEST_P(GpuTreeEngineTest, DeviceDrawnVerificationsMatchTheHostWalk) {
     params[2].top_k = 3;
     params[2].seed = seed + 1;
     params[3].temperature = 0.7f;
-    params[3].repetition_penalty = 1.3f;  // on the host
+    params[3].repetition_penalty = 1.3f;
     params[3].seed = seed + 2;
-    // Four tips, verified concurrently so that they share steps.
-    auto tips = (*engine)->Fork(*tree, 0, static_cast<int64_t>(prompt.size()), 4);
+    params[4].temperature = 0.f;  // greedy, pushed off the draft's repeats
+    params[4].frequency_penalty = 0.6f;
+    params[4].presence_penalty = 0.3f;
+    params[4].repetition_penalty = 1.1f;
+    // Five tips, verified concurrently so that they share steps.
+    auto tips = (*engine)->Fork(*tree, 0, static_cast<int64_t>(prompt.size()), 5);
     EXPECT_TRUE(tips.ok());
     std::vector<std::future<absl::StatusOr<VerifyResult>>> futures;
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 5; ++i) {
       futures.push_back(std::async(std::launch::async, [&, i] {
         return (*engine)->Verify(*tree, (*tips)[i], draft, parents, params[i]);
       }));
@@ -335,10 +339,10 @@ TEST_P(GpuTreeEngineTest, DeviceDrawnVerificationsMatchTheHostWalk) {
   const auto [device, greedy] = run(true, &device_rows);
   const auto [host, greedy_host] = run(false, &host_rows);
   EXPECT_EQ(host_rows, 0);
-  // The greedy decode's 6 draws, then every row of the three Plain drafts (tip + 13 tokens).
-  EXPECT_EQ(device_rows, 6 + 3 * 14);
+  // The greedy decode's 6 draws, then every row of the five drafts (tip + 13 tokens).
+  EXPECT_EQ(device_rows, 6 + 5 * 14);
   EXPECT_EQ(greedy, greedy_host);
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 5; ++i) {
     EXPECT_EQ(device[i].accepted, host[i].accepted) << "verification " << i;
     EXPECT_EQ(device[i].tokens, host[i].tokens) << "verification " << i;
     ASSERT_EQ(device[i].logprobs.size(), host[i].logprobs.size()) << "verification " << i;
