@@ -389,7 +389,6 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
   const bool penalized = (rp.penalty_count > 0 || rp.override_count > 0) &&
                          (rp.repetition_penalty != 1.f || rp.frequency_penalty != 0.f ||
                           rp.presence_penalty != 0.f);
-  float raw_max = -INFINITY;  // penalized rows: the raw logits' max, for their log-sum-exp
   // Entries [begin, + count): each id's raw logit rewritten into the workspace row.
   auto rewrite = [&](int32_t begin, int32_t count) {
     for (int32_t e = RowThread(); e < count; e += RowThreads()) {
@@ -409,13 +408,27 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
     cluster.sync();  // before the next pass reads them (which may be another CTA's entries)
   };
   if (penalized) {
+    // The copy, and the raw logits' max (their log-sum-exp's shift) into s_raw_max[0].
+    float raw_max = -INFINITY;
     ForEachEntry(logits, p.vocab, [&](int32_t i, float v) {
       work[i] = v;
       raw_max = fmaxf(raw_max, v);
     });
-    cluster.sync();  // the copies before the rewrites
+    for (int o = 16; o > 0; o >>= 1) raw_max = fmaxf(raw_max, __shfl_xor_sync(~0u, raw_max, o));
+    if (threadIdx.x % 32 == 0) s_raw_max[threadIdx.x / 32] = raw_max;
+    cluster.sync();  // the copies before the rewrites; the warps' maxima parked
+    if (threadIdx.x == 0) {
+      for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
+        for (int w = 0; w < kThreads / 32; ++w) {
+          raw_max = fmaxf(raw_max, cluster.map_shared_rank(&s_raw_max[0], r)[w]);
+        }
+      }
+    }
     if (rp.penalty_count > 0) rewrite(rp.penalty_begin, rp.penalty_count);
     if (rp.override_count > 0) rewrite(rp.override_begin, rp.override_count);
+    // Every CTA has read the parked maxima (the rewrites end with a cluster barrier, and there
+    // is at least one): thread 0 keeps the row's max where the lse below reads it.
+    if (threadIdx.x == 0) s_raw_max[0] = raw_max;
   }
   const float* sel = penalized ? work : logits;
 
@@ -455,17 +468,7 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const __grid_constant__
                         : min(min(rp.top_logprobs, p.max_top_logprobs), min(p.vocab, kMaxTopLogprobs));
   double lse = 0.0;
   if (p.out_logprobs != nullptr || top_n > 0) {
-    if (penalized) {  // the cluster's raw max (each CTA's threads saw a part of the row)
-      for (int o = 16; o > 0; o >>= 1) raw_max = fmaxf(raw_max, __shfl_xor_sync(~0u, raw_max, o));
-      if (threadIdx.x % 32 == 0) s_raw_max[threadIdx.x / 32] = raw_max;
-      cluster.sync();
-      for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
-        for (int w = 0; w < kThreads / 32; ++w) {
-          raw_max = fmaxf(raw_max, cluster.map_shared_rank(&s_raw_max[0], r)[w]);
-        }
-      }
-    }
-    const double shift = penalized ? raw_max : mx;
+    const double shift = penalized ? s_raw_max[0] : mx;  // (written before the barrier above)
     Agg e{0.0, 0};
     ForEachEntry(logits, p.vocab,
                  [&](int32_t, float v) { e.sum += exp(static_cast<double>(v) - shift); });
