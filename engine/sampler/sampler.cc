@@ -77,7 +77,7 @@ double Sampler::Uniform(uint64_t seed, uint64_t step) {
 
 Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt) : params_(params) {
   if (params_.repetition_penalty != 1.f) {
-    for (int32_t id : prompt) seen_[id] = true;
+    for (int32_t id : prompt) EntryCount(id);
   }
 }
 
@@ -151,17 +151,15 @@ SampledToken Sampler::Sample(std::span<const float> logits) {
   const int32_t vocab = static_cast<int32_t>(logits.size());
   const SamplingParams& p = params_;
   work_.assign(logits.begin(), logits.end());
-  if (p.repetition_penalty != 1.f) {
-    for (const auto& [id, _] : seen_) {
-      float& v = work_[id];
-      v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
-    }
-  }
-  if (p.frequency_penalty != 0.f || p.presence_penalty != 0.f) {
-    // One fma (not a product and a sum the compiler may or may not contract): the GPU sampler
-    // rounds the same way (kernels/model/sampling.h).
-    for (const auto& [id, count] : output_counts_) {
-      work_[id] -= std::fma(p.frequency_penalty, static_cast<float>(count), p.presence_penalty);
+  // Each entry on its own (ids are unique): repetition (every entry), then frequency and
+  // presence by count, with one fma (not a product and a sum the compiler may or may not
+  // contract): the GPU sampler rounds the same way (kernels/model/sampling.h).
+  const bool by_count = p.frequency_penalty != 0.f || p.presence_penalty != 0.f;
+  for (size_t e = 0; e < entry_ids_.size(); ++e) {
+    float& v = work_[entry_ids_[e]];
+    if (p.repetition_penalty != 1.f) v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
+    if (by_count && entry_counts_[e] > 0) {
+      v -= std::fma(p.frequency_penalty, static_cast<float>(entry_counts_[e]), p.presence_penalty);
     }
   }
 
@@ -238,27 +236,22 @@ bool Sampler::Plain() const {
          params_.presence_penalty == 0.f;
 }
 
-void Sampler::AppendPenaltyEntries(std::vector<int32_t>* ids, std::vector<int32_t>* counts) const {
-  const SamplingParams& p = params_;
-  const bool by_count = p.frequency_penalty != 0.f || p.presence_penalty != 0.f;
-  if (p.repetition_penalty != 1.f) {
-    // seen_ holds every output token too (Record).
-    for (const auto& [id, _] : seen_) {
-      auto it = output_counts_.find(id);
-      ids->push_back(id);
-      counts->push_back(by_count && it != output_counts_.end() ? it->second : 0);
-    }
-  } else if (by_count) {
-    for (const auto& [id, count] : output_counts_) {
-      ids->push_back(id);
-      counts->push_back(count);
-    }
+int32_t& Sampler::EntryCount(int32_t id) {
+  auto [it, inserted] = entry_of_.try_emplace(id, static_cast<int32_t>(entry_ids_.size()));
+  if (inserted) {
+    entry_ids_.push_back(id);
+    entry_counts_.push_back(0);
   }
+  return entry_counts_[static_cast<size_t>(it->second)];
+}
+
+void Sampler::AppendPenaltyEntries(std::vector<int32_t>* ids, std::vector<int32_t>* counts) const {
+  ids->insert(ids->end(), entry_ids_.begin(), entry_ids_.end());
+  counts->insert(counts->end(), entry_counts_.begin(), entry_counts_.end());
 }
 
 SampledToken Sampler::Record(int32_t id, float logprob) {
-  ++output_counts_[id];
-  if (params_.repetition_penalty != 1.f) seen_[id] = true;
+  if (!Plain()) ++EntryCount(id);
   ++step_;
   SampledToken out;
   out.id = id;

@@ -74,8 +74,9 @@ class Sampler {
   bool Plain() const;
   // The state the penalties read, for a backend that applies them itself
   // (kernels/model/sampling.h): appends every token the next draw penalizes once to `ids`, and
-  // to `counts` its count among this sampler's outputs where frequency or presence penalties
-  // apply (else 0). Nothing when Plain().
+  // to `counts` its count among this sampler's outputs (0: a prompt token). Nothing when
+  // Plain(). The repetition penalty applies to every entry, frequency and presence to those
+  // with a count.
   void AppendPenaltyEntries(std::vector<int32_t>* ids, std::vector<int32_t>* counts) const;
   // Records `id`, chosen for this sampler's next step elsewhere (a backend's draw, as Sample would
   // have made it), exactly as Sample records its own choice; returns it with `logprob`.
@@ -86,8 +87,12 @@ class Sampler {
 
  private:
   SamplingParams params_;
-  absl::flat_hash_map<int32_t, int32_t> output_counts_;
-  absl::flat_hash_map<int32_t, bool> seen_;  // prompt or output
+  // The penalties' state (none when Plain): every token the next draw penalizes, once (the
+  // prompt's when the repetition penalty is on, and every output), in first-seen order, with its
+  // count among the outputs; kept as arrays so that AppendPenaltyEntries is two copies.
+  int32_t& EntryCount(int32_t id);  // inserts the id with count 0 when new
+  absl::flat_hash_map<int32_t, int32_t> entry_of_;  // id -> index in the arrays
+  std::vector<int32_t> entry_ids_, entry_counts_;
   int64_t step_ = 0;
   std::vector<float> work_;
   std::vector<int32_t> order_;
