@@ -394,17 +394,6 @@ absl::Status GpuBackend::ForwardStep(const StepInput& step, KvBlockPool& kv_pool
                    r.top_logprobs,       r.repetition_penalty, r.frequency_penalty,
                    r.presence_penalty,   r.penalty_begin,   r.penalty_count,
                    r.override_begin,     r.override_count};
-      const size_t entries = std::min(sampling->penalty_ids.size(), sampling->penalty_counts.size());
-      for (auto [begin, count] : {std::pair(r.penalty_begin, r.penalty_count),
-                                  std::pair(r.override_begin, r.override_count)}) {
-        if (count < 0 || (count > 0 && (begin < 0 || static_cast<size_t>(begin) +
-                                                             static_cast<size_t>(count) >
-                                                         entries))) {
-          return absl::InvalidArgumentError(absl::StrCat("sampling row ", i, ": penalty entries [",
-                                                         begin, ", +", count,
-                                                         ") outside the step's ", entries));
-        }
-      }
       rows[i] = r.logit_row;
       top = std::max(top, std::min(r.top_logprobs, kernels::kMaxTopLogprobs));
     }
@@ -456,7 +445,23 @@ absl::Status GpuBackend::EnqueueSample(const std::vector<kernels::SampleRowParam
   }
   const size_t params_bytes = rows.size() * sizeof(kernels::SampleRowParams);
   const size_t rows_bytes = logit_rows.size() * sizeof(int32_t);
-  const size_t penalty_entries = std::min(penalty_ids.size(), penalty_counts.size());
+  if (penalty_ids.size() != penalty_counts.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(penalty_ids.size(), " penalty ids and ",
+                                                   penalty_counts.size(), " counts"));
+  }
+  const size_t penalty_entries = penalty_ids.size();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    for (auto [begin, count] : {std::pair(rows[i].penalty_begin, rows[i].penalty_count),
+                                std::pair(rows[i].override_begin, rows[i].override_count)}) {
+      if (count < 0 || (count > 0 && (begin < 0 || static_cast<size_t>(begin) +
+                                                           static_cast<size_t>(count) >
+                                                       penalty_entries))) {
+        return absl::InvalidArgumentError(absl::StrCat("sampling row ", i, ": penalty entries [",
+                                                       begin, ", +", count, ") outside the ",
+                                                       penalty_entries, " given"));
+      }
+    }
+  }
   const size_t penalty_bytes = penalty_entries * sizeof(int32_t);
   DEFT_RETURN_IF_ERROR(sample_params_.Reserve(params_bytes + rows_bytes + 2 * penalty_bytes));
   const size_t top_entries = top_ids != nullptr ? rows.size() * max_top : 0;

@@ -646,25 +646,25 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
     }
     r.draws = static_cast<int32_t>(sampling.rows.size());
     sampling.rows.push_back(tip);
-    std::vector<std::pair<int32_t, int32_t>> outputs;  // a draft path's (token, count)
+    // A draft row's outputs: its parent's (parents come first) plus its own token, kept as
+    // sorted (token, count) lists, so a row costs its depth, not its depth squared.
+    std::vector<std::vector<std::pair<int32_t, int32_t>>> outputs(plain ? 0 : r.draft_logits.size());
     for (size_t i = 0; i < r.draft_logits.size(); ++i) {
       StepSampling::Row row = tip;
       row.logit_row = r.draft_logits[i];
       row.step = static_cast<uint64_t>(job.depth[i]);
       if (!plain) {
-        outputs.clear();
-        for (int32_t a = static_cast<int32_t>(i); a >= 0; a = job.parents[a]) {
-          auto it = std::find_if(outputs.begin(), outputs.end(),
-                                 [&](const auto& o) { return o.first == job.draft[a]; });
-          if (it == outputs.end()) {
-            outputs.push_back({job.draft[a], 1});
-          } else {
-            ++it->second;
-          }
+        std::vector<std::pair<int32_t, int32_t>>& mine = outputs[i];
+        if (job.parents[i] >= 0) mine = outputs[static_cast<size_t>(job.parents[i])];
+        auto it = std::lower_bound(mine.begin(), mine.end(), std::pair(job.draft[i], 0));
+        if (it != mine.end() && it->first == job.draft[i]) {
+          ++it->second;
+        } else {
+          mine.insert(it, {job.draft[i], 1});
         }
         row.override_begin = static_cast<int32_t>(sampling.penalty_ids.size());
-        row.override_count = static_cast<int32_t>(outputs.size());
-        for (const auto& [id, count] : outputs) {
+        row.override_count = static_cast<int32_t>(mine.size());
+        for (const auto& [id, count] : mine) {
           sampling.penalty_ids.push_back(id);
           sampling.penalty_counts.push_back(count);
         }

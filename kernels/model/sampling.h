@@ -70,6 +70,8 @@ struct SampleParams {
   float* out_top_logprobs = nullptr;
   int32_t max_top_logprobs = 0;
   // Device arrays of the rows' penalty entries (SampleRowParams); may be null when no row has any.
+  // REQUIRES: each row's ranges lie inside them and hold an id at most once each (the launch
+  // cannot check device memory; GpuBackend checks the ranges).
   const int32_t* penalty_ids = nullptr;
   const int32_t* penalty_counts = nullptr;
 };

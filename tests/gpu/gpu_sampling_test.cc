@@ -3,6 +3,7 @@
 // first argmax; the reported log-probability is the CPU's.
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -39,8 +40,10 @@ class DeviceSamplingTest : public ::testing::Test {
   // Runs `rows` rows of random logits with per-row params; each row r uses cases[r % size], a
   // fresh seed and step r % 5; compares with the CPU Sampler (advanced to that step).
   // gather: output r samples logits row r / 2 (each row drawn twice, with different params).
+  // split: a penalized row's entries in two ranges, as a verification's draft rows have them:
+  // the prompt's (count 0), then the outputs' with their counts (override_*; ids of both).
   void Check(int32_t vocab, int rows, const std::vector<Case>& cases, bool ties,
-             bool gather = false) {
+             bool gather = false, bool split = false) {
     std::mt19937_64 rng(std::random_device{}());
     std::normal_distribution<float> normal(0.f, 3.f);
     std::vector<float> logits(size_t(rows) * vocab);
@@ -81,12 +84,24 @@ class DeviceSamplingTest : public ::testing::Test {
         for (int i = 0; i < 30; ++i) prompt.push_back(pick());
       }
       cpu.emplace_back(sp, prompt);
+      std::map<int32_t, int32_t> outputs;
       if (penalized) {
-        for (int i = 0; i < 12; ++i) cpu.back().Record(pick(), 0.f);
+        for (int i = 0; i < 12; ++i) ++outputs[cpu.back().Record(pick(), 0.f).id];
       }
-      for (int s = 0; s < r % 5; ++s) cpu.back().Sample(row);
+      for (int s = 0; s < r % 5; ++s) ++outputs[cpu.back().Sample(row).id];
       const int32_t begin = static_cast<int32_t>(penalty_ids.size());
-      cpu.back().AppendPenaltyEntries(&penalty_ids, &penalty_counts);
+      int32_t override_begin = 0, override_count = 0;
+      if (split && penalized) {
+        Sampler(sp, prompt).AppendPenaltyEntries(&penalty_ids, &penalty_counts);
+        override_begin = static_cast<int32_t>(penalty_ids.size());
+        for (const auto& [id, count] : outputs) {
+          penalty_ids.push_back(id);
+          penalty_counts.push_back(count);
+        }
+        override_count = static_cast<int32_t>(outputs.size());
+      } else {
+        cpu.back().AppendPenaltyEntries(&penalty_ids, &penalty_counts);
+      }
       params[r] = {sp.temperature,
                    sp.top_k,
                    sp.top_p,
@@ -98,9 +113,12 @@ class DeviceSamplingTest : public ::testing::Test {
                    sp.frequency_penalty,
                    sp.presence_penalty,
                    begin,
-                   static_cast<int32_t>(penalty_ids.size()) - begin};
+                   (override_count > 0 ? override_begin
+                                       : static_cast<int32_t>(penalty_ids.size())) - begin,
+                   override_begin,
+                   override_count};
       if (penalized) {
-        EXPECT_GT(params[r].penalty_count, 0) << "row " << r;
+        EXPECT_GT(params[r].penalty_count + params[r].override_count, 0) << "row " << r;
       }
     }
     penalty_ids.push_back(0);  // never empty (Upload)
@@ -184,6 +202,10 @@ TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerSmallVocab) { Check(5000, 64, kC
 TEST_F(DeviceSamplingTest, PenaltiesAsTheCpuSampler) { Check(5000, 64, kPenaltyCases, false); }
 TEST_F(DeviceSamplingTest, PenaltiesWithTiedLogits) { Check(3000, 64, kPenaltyCases, true); }
 TEST_F(DeviceSamplingTest, PenaltiesLlama3VocabFewRows) { Check(128256, 7, kPenaltyCases, false); }
+// A draft row's entries: the prompt's, then its outputs overriding them; an odd vocabulary.
+TEST_F(DeviceSamplingTest, PenaltiesInTwoRangesOddVocab) {
+  Check(4999, 48, kPenaltyCases, false, /*gather=*/false, /*split=*/true);
+}
 
 TEST_F(DeviceSamplingTest, SameTokenAsCpuSamplerWithTiedLogits) { Check(3000, 64, kCases, true); }
 
