@@ -157,7 +157,9 @@ SampledToken Sampler::Sample(std::span<const float> logits) {
   const bool by_count = p.frequency_penalty != 0.f || p.presence_penalty != 0.f;
   for (size_t e = 0; e < entry_ids_.size(); ++e) {
     float& v = work_[entry_ids_[e]];
-    if (p.repetition_penalty != 1.f) v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
+    if (p.repetition_penalty != 1.f) {
+      v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
+    }
     if (by_count && entry_counts_[e] > 0) {
       v -= std::fma(p.frequency_penalty, static_cast<float>(entry_counts_[e]), p.presence_penalty);
     }

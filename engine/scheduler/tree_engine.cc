@@ -648,7 +648,8 @@ bool TreeEngine::RunStep(std::unique_lock<std::mutex>& lock, std::vector<Event>*
     sampling.rows.push_back(tip);
     // A draft row's outputs: its parent's (parents come first) plus its own token, kept as
     // sorted (token, count) lists, so a row costs its depth, not its depth squared.
-    std::vector<std::vector<std::pair<int32_t, int32_t>>> outputs(plain ? 0 : r.draft_logits.size());
+    std::vector<std::vector<std::pair<int32_t, int32_t>>> outputs(
+        plain ? 0 : r.draft_logits.size());
     for (size_t i = 0; i < r.draft_logits.size(); ++i) {
       StepSampling::Row row = tip;
       row.logit_row = r.draft_logits[i];
