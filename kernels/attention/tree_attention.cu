@@ -443,6 +443,9 @@ __device__ __forceinline__ void ComputeSubTile(const ChunkParams& p, const uint8
   }
 }
 
+#ifndef DEFT_ATTN_DEFER_PV
+#define DEFT_ATTN_DEFER_PV 1
+#endif
 #if DEFT_ATTN_WGMMA
 // The warpgroup's (all 4 warps, 64 rows: warp w holds rows 16w..16w+15) work on one 64-token
 // sub-tile with wgmma: S = Q K^T (Q from registers, K from the ring), online softmax in
@@ -491,8 +494,12 @@ __device__ __forceinline__ void ComputeSubTileWg(const ChunkParams& p, const uin
     }
   }
   WgmmaCommit();
-  WgmmaWaitAll();
-  WgmmaFenceOperands(o);
+  // With DEFT_ATTN_DEFER_PV the caller waits for O += P V (before the slot of V is refilled and
+  // before o is read again), so that it runs beside the wait for the next sub-tile's K/V.
+  if (!DEFT_ATTN_DEFER_PV) {
+    WgmmaWaitAll();
+    WgmmaFenceOperands(o);
+  }
 }
 #endif
 
@@ -631,6 +638,10 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     uint64_t word[2];
     VisibilityWords(p, sub * kSubTokens, chunk_len, valid, mask_at, word);
+    if (DEFT_ATTN_DEFER_PV) {  // sub - 1's O += P V (it reads the slot the copies below refill)
+      WgmmaWaitAll();
+      WgmmaFenceOperands(o);
+    }
     // Sub-tile `sub` landed for all, the slot of sub - 1 is free, and whether any row sees it.
     const int seen = __syncthreads_or(!p.skip_masked || (word[0] | word[1]) != 0ull);
 #if DEFT_ATTN_TRACE
@@ -687,6 +698,12 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     }
   }
   CpAsyncWait<0>();
+#if DEFT_ATTN_WGMMA
+  if (DEFT_ATTN_DEFER_PV && wg) {  // the last sub-tile's O += P V
+    WgmmaWaitAll();
+    WgmmaFenceOperands(o);
+  }
+#endif
   // Every copy landed and every warp left the loop: the ring is free for the partials' staging.
   __syncthreads();
 #if DEFT_ATTN_TRACE
