@@ -218,6 +218,11 @@ __global__ void Linear(const uint4* k, const uint4* v, size_t n16, uint32_t* sin
   if (acc == 0x12345678u) *sink = acc;
 }
 
+// --floors: a kernel that does nothing (one CTA), for the fixed cost of a launch between events.
+__global__ void Empty(uint32_t* sink) {
+  if (threadIdx.x == 1024) *sink = 0;
+}
+
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -227,12 +232,15 @@ double Median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   int n = 8000, reps = 50;
-  bool readers_only = false;
+  bool readers_only = false, floors = false;
+  std::vector<int> floor_tokens = {14000, 24000, 10400, 14303, 26303, 4063, 8000, 4256, 4050};
   for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--floors") == 0) floors = true;
     if (std::strncmp(argv[i], "--tokens=", 9) == 0) n = std::atoi(argv[i] + 9);
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::atoi(argv[i] + 7);
     if (std::strcmp(argv[i], "--readers") == 0) readers_only = true;
   }
+  if (floors) n = std::max(n, *std::max_element(floor_tokens.begin(), floor_tokens.end()));
   const size_t bytes = static_cast<size_t>(n + 64) * kSlotBytes;
   uint8_t *k, *v, *flush;
   uint32_t* sink;
@@ -264,6 +272,52 @@ int main(int argc, char** argv) {
     }
     return Median(t);
   };
+  if (floors) {
+    // What one launch of the simplest possible reader gives: for each row's unique KV tokens
+    // (the attention bench's rows: 50x200, 50x400, 16x400, sorting, docmerge, APPS, chain,
+    // siblings, 50x1), the best contiguous grid-stride read of those bytes over grid sizes and
+    // block sizes, alone and followed by a second (empty) launch, beside the IO floor at
+    // --bandwidth (TB/s, the attention bench's measured copy rate). Timed exactly as the
+    // attention bench times a step (read flush, events around the launches, median of reps).
+    double tbps = 3.0;
+    for (int i = 1; i < argc; ++i) {
+      if (std::strncmp(argv[i], "--bandwidth=", 12) == 0) tbps = std::atof(argv[i] + 12);
+    }
+    const double empty1 = time([&] { Empty<<<1, 32>>>(sink); });
+    const double empty2 = time([&] {
+      Empty<<<1, 32>>>(sink);
+      Empty<<<1, 32>>>(sink);
+    });
+    std::printf("empty kernel between events: %.2f us; two empty kernels: %.2f us\n", empty1, empty2);
+    std::printf("| tokens | MB | IO floor us | best read us | grid x block | TB/s | read + empty launch us |\n|---|---|---|---|---|---|---|\n");
+    for (int t : floor_tokens) {
+      const size_t n16 = static_cast<size_t>(t) * kHeads * kRowBytes / 16;
+      const double mb = 2.0 * t * kHeads * kRowBytes;
+      double best = 1e30, best2 = 1e30;
+      int bg = 0, bb = 0;
+      for (int threads : {256, 512, 1024}) {
+        for (int blocks : {132, 264, 396, 528, 1056, 2112}) {
+          const auto k4 = reinterpret_cast<const uint4*>(k);
+          const auto v4 = reinterpret_cast<const uint4*>(v);
+          const double us = time([&] { Linear<<<blocks, threads>>>(k4, v4, n16, sink); });
+          if (us < best) {
+            best = us;
+            bg = blocks;
+            bb = threads;
+          }
+          const double us2 = time([&] {
+            Linear<<<blocks, threads>>>(k4, v4, n16, sink);
+            Empty<<<1, 32>>>(sink);
+          });
+          best2 = std::min(best2, us2);
+        }
+      }
+      std::printf("| %d | %.1f | %.1f | %.1f | %d x %d | %.2f | %.1f |\n", t, mb / 1e6, mb / tbps / 1e6,
+                  best, bg, bb, mb / best / 1e6, best2);
+      std::fflush(stdout);
+    }
+    return 0;
+  }
   if (readers_only) {
     // Shared reads: R CTAs per (chunk, head) (R 64-row tiles of a chunk) with the chunk kernel's
     // 2-stage ring at 3 CTAs per SM. DRAM sees the unique bytes once (if L2 holds them while

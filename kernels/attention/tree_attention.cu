@@ -316,6 +316,45 @@ __device__ __forceinline__ float Ex2(float x) {
   return y;
 }
 
+// The wgmma path's epilogue: rows staged by stmatrix and stored by bulk copies (1, measured
+// 0.3-1.0 us faster per step on the H100 than 0, the generic staged stores the mma.sync path
+// keeps: bench/RESULTS.md).
+#ifndef DEFT_ATTN_BULK_EPILOGUE
+#define DEFT_ATTN_BULK_EPILOGUE 1
+#endif
+#if DEFT_ATTN_WGMMA
+// 1/x and log2(x) on the special-function unit (x > 0; ~1 ulp / ~2^-22 absolute).
+__device__ __forceinline__ float FastRcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float FastLog2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+// Four 8x8 matrices of 16-bit values to shared memory (lane l gives the row address of row l % 8
+// of matrix l / 8; register j of a lane holds its pair of matrix j: row lane / 4, cols
+// 2 * (lane % 4) + {0, 1}).
+__device__ __forceinline__ void StMatrixX4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
+                                           uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+// A bulk (TMA) copy of `bytes` (multiple of 16, both ends 16-byte aligned) from shared to global.
+__device__ __forceinline__ void BulkStore(void* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(src), "r"(bytes)
+               : "memory");
+}
+// Commits this thread's bulk copies and waits until they have read their shared memory.
+__device__ __forceinline__ void BulkCommitAndWaitRead() {
+  asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+#endif
+
 // Scores s (n-tiles of 8 tokens from t0; rows a and b of the thread's 16-row group), masked by the
 // visibility words, folded into the running (m, l): s becomes the probabilities, l is rescaled
 // and summed, and alpha (per row) is the factor o must be rescaled by; returns whether any row
@@ -708,6 +747,19 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   __syncthreads();
 #if DEFT_ATTN_TRACE
   trace_loop = GlobalTimer();
+  const auto record_trace = [&] {
+    if (threadIdx.x == 0 && p.trace != nullptr) {
+      unsigned long long* rec =
+          p.trace + 3 + 6 * (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
+      rec[0] = trace_start;
+      rec[1] = trace_ready;
+      rec[2] = trace_loop;
+      rec[3] = trace_staged;
+      rec[4] = GlobalTimer();
+      rec[5] = SmId() | (static_cast<unsigned long long>(num_sub) << 16) |
+               (static_cast<unsigned long long>(rows) << 32);
+    }
+  };
 #endif
   // Programmatic dependent launch: the merge grid may be scheduled once every CTA got here (it
   // still waits for this grid's completion and memory flush before reading the partials).
@@ -764,6 +816,58 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     }
   }
   if (!active) return;
+#if DEFT_ATTN_WGMMA && DEFT_ATTN_BULK_EPILOGUE
+  if (wg) {
+    // The wgmma path's epilogue (splits == 1: each warp owns 16 whole rows). Issue-bound under
+    // the other CTAs' loops, so kept short: approximate reciprocal and log, o packed to T by
+    // stmatrix into the warp's staging rows, and each of the warp's valid rows stored by one
+    // 256-byte bulk copy (lanes 0..15, one row each) that the CTA does not wait for beyond
+    // its shared-memory reads. The merge reads the rows after this grid completes.
+    constexpr int kStageRow = D * 2 + 16;  // bytes; rows 16-byte aligned, 8 rows hit 32 banks
+    uint8_t* stage = smem + K::kMergeBytes + warp * 16 * kStageRow;
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      inv[r] = l[r] > 0.f ? FastRcp(l[r]) : 0.f;
+      if (valid[r] && (lane & 3) == 0) {
+        p.part_lse[at[r]] = l[r] > 0.f ? (m[r] + FastLog2(l[r])) * kLn2 : -INFINITY;
+      }
+    }
+    // stmatrix x4 per pair of 8-column n-tiles: matrices (rows 0-7, n), (rows 8-15, n),
+    // (rows 0-7, n + 1), (rows 8-15, n + 1); lane l addresses row l % 8 of matrix l / 8.
+    const uint32_t st_base = SmemAddr(stage) + ((lane >> 3) & 1) * 8 * kStageRow +
+                             (lane & 7) * kStageRow + (lane >> 4) * 16;
+#pragma unroll
+    for (int n = 0; n < D / 8; n += 2) {
+      StMatrixX4(st_base + n * 16, MmaOp<T>::pack(o[n][0] * inv[0], o[n][1] * inv[0]),
+                 MmaOp<T>::pack(o[n][2] * inv[1], o[n][3] * inv[1]),
+                 MmaOp<T>::pack(o[n + 1][0] * inv[0], o[n + 1][1] * inv[0]),
+                 MmaOp<T>::pack(o[n + 1][2] * inv[1], o[n + 1][3] * inv[1]));
+    }
+    // The rows were written through the generic proxy; the bulk copies read through the async.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncwarp();
+#if DEFT_ATTN_TRACE
+    trace_staged = GlobalTimer();
+#endif
+    // Lane i < 16 stores warp row i (row a of lane 4 * (i % 8) for i < 8, its row b above).
+    const int owner = (lane & 7) * 4;
+    const int at0 = __shfl_sync(0xffffffffu, at[0], owner);
+    const int at1 = __shfl_sync(0xffffffffu, at[1], owner);
+    const int v0 = __shfl_sync(0xffffffffu, valid[0] ? 1 : 0, owner);
+    const int v1 = __shfl_sync(0xffffffffu, valid[1] ? 1 : 0, owner);
+    if (lane < 16 && (lane < 8 ? v0 : v1)) {
+      const int row_at = lane < 8 ? at0 : at1;
+      BulkStore(static_cast<T*>(p.part_o) + static_cast<int64_t>(row_at) * D,
+                SmemAddr(stage + lane * kStageRow), D * 2);
+    }
+    BulkCommitAndWaitRead();
+#if DEFT_ATTN_TRACE
+    record_trace();
+#endif
+    return;
+  }
+#endif
   // Partial o in T (a convex combination of V rows, so within T's range): half the bytes of
   // fp32 for these stores and the merge's reads. Staged through this warp's rows in shared
   // memory (after the split-merge area) so that each store is a whole 16-byte piece of a row.
@@ -804,17 +908,7 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     }
   }
 #if DEFT_ATTN_TRACE
-  if (threadIdx.x == 0 && p.trace != nullptr) {
-    unsigned long long* rec =
-        p.trace + 3 + 6 * (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
-    rec[0] = trace_start;
-    rec[1] = trace_ready;
-    rec[2] = trace_loop;
-    rec[3] = trace_staged;
-    rec[4] = GlobalTimer();
-    rec[5] = SmId() | (static_cast<unsigned long long>(num_sub) << 16) |
-             (static_cast<unsigned long long>(rows) << 32);
-  }
+  record_trace();
 #endif
 }
 
