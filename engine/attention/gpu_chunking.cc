@@ -70,8 +70,9 @@ absl::StatusOr<PlannerOptions> ChooseGpuPlannerOptions(AttentionMode mode,
                                                        std::span<const PlanQuery> queries,
                                                        const GpuAttentionCostModel& model,
                                                        PartitionPlan* plan) {
-  static constexpr int32_t kSizes[] = {64,  96,  128, 192,  256,  384,  512,  640,
-                                       768, 896, 1024, 1536, 2048, 3072, 4096, 8192};
+  static constexpr int32_t kSizes[] = {64,  96,  128,  192,  256,  320,  384,  448,  512,
+                                       576, 640, 704,  768,  832,  896,  960,  1024, 1152,
+                                       1280, 1536, 2048, 3072, 4096, 8192};
   PlannerOptions best;
   double best_time = -1;
   PartitionPlan trial;

@@ -319,10 +319,6 @@ __device__ __forceinline__ float Ex2(float x) {
 // The wgmma path's epilogue: rows staged by stmatrix and stored by bulk copies (1, measured
 // 0.3-1.0 us faster per step on the H100 than 0, the generic staged stores the mma.sync path
 // keeps: bench/RESULTS.md).
-#ifndef DEFT_ATTN_BULK_EPILOGUE
-#define DEFT_ATTN_BULK_EPILOGUE 1
-#endif
-#if DEFT_ATTN_WGMMA
 // 1/x and log2(x) on the special-function unit (x > 0; ~1 ulp / ~2^-22 absolute).
 __device__ __forceinline__ float FastRcp(float x) {
   float y;
@@ -334,6 +330,11 @@ __device__ __forceinline__ float FastLog2(float x) {
   asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+#ifndef DEFT_ATTN_BULK_EPILOGUE
+#define DEFT_ATTN_BULK_EPILOGUE 1
+#endif
+#if DEFT_ATTN_WGMMA
 // Four 8x8 matrices of 16-bit values to shared memory (lane l gives the row address of row l % 8
 // of matrix l / 8; register j of a lane holds its pair of matrix j: row lane / 4, cols
 // 2 * (lane % 4) + {0, 1}).
@@ -1061,7 +1062,7 @@ __global__ void __launch_bounds__(128) TreeAttentionMergeKernel(const __grid_con
   }
   // Every lane group holds the sums now: group g stores the g-th quarter of its lanes' dims, one
   // 8-byte (D = 128) or 4-byte store per lane.
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = sum > 0.f ? FastRcp(sum) : 0.f;
   constexpr int kQ = kPer / kGroups;  // values per lane to store: 4 or 2
   float mine[kQ];
 #pragma unroll
@@ -1149,7 +1150,7 @@ __global__ void __launch_bounds__(128) TreeAttentionGroupMergeKernel(
       }
     }
   }
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = sum > 0.f ? FastRcp(sum) : 0.f;
   T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(query) * p.num_heads + head) * D +
            sub * kPer;
 #pragma unroll
