@@ -34,6 +34,9 @@ absl::Status GpuTreeAttention::Upload(const PartitionPlan& plan, int32_t num_hea
   arrays.masks = plan.masks;
   arrays.query_entry_begin = plan.query_entry_begin;
   arrays.query_entries = plan.query_entries;
+  // Flatten, node and tree plans read each token of kv_slots once (partition_plan.h); seq
+  // plans repeat a shared prefix's slots in every query's chunks.
+  arrays.disjoint_chunks = plan.mode != AttentionMode::kSeq;
   if (cudaError_t err = device_plan_.Upload(arrays, num_heads / num_kv_heads, stream);
       err != cudaSuccess) {
     return CudaError(err, "uploading the attention plan");

@@ -140,6 +140,26 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
   const int bytes = valid ? 16 : 0;  // 0: zero-fill (past the chunk's end)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
+// The same with an L2 cache policy (EvictFirstPolicy).
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid,
+                                          uint64_t policy) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "l"(policy));
+}
+// The L2 policy of the K/V copies of a work item no other CTA reads from (the chunk's only
+// work item in a plan whose chunks share no slots: the work item's sole-reader bit):
+// evict-first, so the copied lines are the first the L2 replaces and the stream of a step's
+// K/V does not evict lines other work still holds in L2, dirty lines of earlier kernels
+// included, whose write-back would otherwise share the DRAM with the reads (measured on the
+// H100 after a 256 MB memset: 1.6-3.1 us off a step on the rows with such chunks;
+// bench/RESULTS.md). The copies of chunks several work items read carry no hint (their readers
+// meet in L2; evict-normal and evict-unchanged policies measured 0.2-12% slower there).
+__device__ __forceinline__ uint64_t EvictFirstPolicy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 // A global load the compiler issues in program order with the other volatile loads: the
 // prologue's loads of one round then go out before the wait for an earlier round's results
 // (left to itself the compiler issued the plan rows after the copies, which wait for the slot
@@ -286,7 +306,8 @@ __device__ __forceinline__ void SlotsFromRing(const int32_t* ids, int chunk_len,
 // adds and the two copies.
 template <typename T, int D>
 __device__ __forceinline__ void LoadSubTile(const ChunkParams& p, uint8_t* smem, int slot,
-                                            const SubTileSlots<T, D>& s, int kv_head) {
+                                            const SubTileSlots<T, D>& s, int kv_head,
+                                            bool sole_reader) {
   using K = ChunkKernel<T, D>;
   using S = SubTileSlots<T, D>;
   static_assert(kSubTokens * K::kChunk16 % kThreads == 0, "pieces per thread");
@@ -298,14 +319,21 @@ __device__ __forceinline__ void LoadSubTile(const ChunkParams& p, uint8_t* smem,
   const char* kb = static_cast<const char*>(p.k) + col;
   const char* vb = static_cast<const char*>(p.v) + col;
   const uint32_t stride = p.kv_slot_bytes;  // < 2^32 (RunTreeAttention)
+  const auto copy = [&](auto... policy) {
 #pragma unroll
-  for (int j = 0; j < S::kPer; ++j) {
-    const bool valid = j * S::kTokStep < s.here;
-    const uint32_t row = static_cast<uint32_t>(j * S::kTokStep * 128);
-    const uint32_t id = static_cast<uint32_t>(s.id[j]);
-    const uint64_t off = static_cast<uint64_t>(id) * stride;
-    CpAsync16(kdst + row, kb + off, valid);
-    CpAsync16(vdst + row, vb + off, valid);
+    for (int j = 0; j < S::kPer; ++j) {
+      const bool valid = j * S::kTokStep < s.here;
+      const uint32_t row = static_cast<uint32_t>(j * S::kTokStep * 128);
+      const uint32_t id = static_cast<uint32_t>(s.id[j]);
+      const uint64_t off = static_cast<uint64_t>(id) * stride;
+      CpAsync16(kdst + row, kb + off, valid, policy...);
+      CpAsync16(vdst + row, vb + off, valid, policy...);
+    }
+  };
+  if (sole_reader) {
+    copy(EvictFirstPolicy());
+  } else {
+    copy();
   }
 }
 
@@ -576,7 +604,8 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   const int4 w = __ldg(reinterpret_cast<const int4*>(p.plan.work) + item);
   const int32_t* pre = p.plan.work_pre + static_cast<int64_t>(item) * kTreeAttentionWorkPreInts;
   const int chunk_first = w.x, chunk_len = w.y, entry0 = w.z;
-  const int row0 = w.w & 0xffffff, rows = static_cast<int>(static_cast<uint32_t>(w.w) >> 24);
+  const int row0 = w.w & 0xffffff, rows = (w.w >> 24) & 0x7f;
+  const bool sole_reader = w.w < 0;  // bit 31 (EvictFirstPolicy)
   const int groups = (rows + 15) / 16;
   constexpr int kMaxSplits = kSubTokens / 16;  // a warp takes at least 16 tokens (one k-step)
   // Every tile runs on wgmma where the target has it (all 4 warps, 64 rows; a tile of a few
@@ -636,7 +665,7 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < num_sub) LoadSubTile<T, D>(p, smem, st, first[st], kv_head);
+    if (st < num_sub) LoadSubTile<T, D>(p, smem, st, first[st], kv_head, sole_reader);
     if (st == 0 && wg) {
 #pragma unroll
       for (int i = kStages - 1; i < kStages - 1 + kIdAhead; ++i) {
@@ -695,7 +724,7 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     const auto copies = [&] {
       if (next < num_sub) {
         SlotsFromRing<T, D>(ids, chunk_len, next, slots);
-        LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head);
+        LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head, sole_reader);
       }
       if (next + kIdAhead < num_sub) {
         LoadSlotIds<D>(p, ids_s, chunk_first, chunk_len, next + kIdAhead);
@@ -716,7 +745,7 @@ __global__ void __launch_bounds__(kThreads, DEFT_ATTN_MIN_BLOCKS) TreeAttentionC
     __syncthreads();  // sub-tile `sub` landed for all; slot of sub-1 free for reuse
     const int next = sub + kStages - 1;
     if (next < num_sub) {
-      LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head);
+      LoadSubTile<T, D>(p, smem, next % kStages, slots, kv_head, sole_reader);
       if (next + 1 < num_sub) LoadSlots<T, D>(p, chunk_first, chunk_len, next + 1, slots);
     }
     CpAsyncCommit();

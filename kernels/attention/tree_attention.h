@@ -52,7 +52,9 @@ struct TreeAttentionPlanView {  // device pointers to the plan's arrays
   const int32_t* query_entries = nullptr;     // [query_entry_begin[num_queries]]
   // Work items (BuildTreeAttentionWork in tree_attention_plan.h), 4 int32 each, 16-byte
   // aligned: {first kv index of the chunk, chunk tokens, chunk's first entry,
-  //           first row | tile rows << 24}. Packed so a CTA's set-up is one load.
+  //           first row | tile rows << 24 | sole reader << 31}. Packed so a CTA's set-up is
+  // one load. Sole reader: no other work item reads the chunk's K/V (the chunk's only item, in
+  // a plan whose chunks share no slots: TreeAttentionPlanArrays::disjoint_chunks).
   const int32_t* work = nullptr;  // [num_work * 4]
   // Per work item, kTreeAttentionWorkPreInts int32 (zeros past the chunk / the tile), so that a
   // CTA's first round of loads needs only its index: the slot ids of the chunk's first

@@ -16,7 +16,11 @@ void BuildTreeAttentionWork(const TreeAttentionPlanArrays& plan, int32_t group,
     const int64_t rows = static_cast<int64_t>(plan.entry_begin[c + 1] - entry0) * group;
     for (int64_t r = 0; r < rows; r += kTile) {
       const int64_t tile = std::min<int64_t>(kTile, rows - r);
-      work->insert(work->end(), {first, len, entry0, static_cast<int32_t>(r | (tile << 24))});
+      const bool sole = plan.disjoint_chunks && rows <= kTile;
+      work->insert(work->end(),
+                   {first, len, entry0,
+                    static_cast<int32_t>(static_cast<uint32_t>(r | (tile << 24)) |
+                                         (sole ? 0x80000000u : 0u))});
       const size_t at = pre->size();
       pre->resize(at + kTreeAttentionWorkPreInts, 0);
       int32_t* ids = pre->data() + at;

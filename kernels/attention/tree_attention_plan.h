@@ -34,6 +34,11 @@ struct TreeAttentionPlanArrays {
   std::span<const int32_t> kv_slots, chunk_begin, entry_begin, entry_query, entry_mask_begin;
   std::span<const uint64_t> masks;
   std::span<const int32_t> query_entry_begin, query_entries;
+  // No KV slot in more than one chunk (the flatten, node and tree plans; not seq plans, whose
+  // chunks repeat a shared prompt's slots for every query). Then a chunk with one work item is read by
+  // that item alone, which copies it with an evict-first L2 policy (tree_attention.cu). Only a
+  // cache hint: a wrong value costs speed, never correctness.
+  bool disjoint_chunks = false;
 };
 
 // The work items of a plan (TreeAttentionPlanView::work), 4 int32 per item, into *work, and

@@ -27,6 +27,7 @@
 #include "engine/gpu/gpu_tree_attention.h"
 #include "engine/kv/kv_block_pool.h"
 #include "engine/util/thread_pool.h"
+#include "kernels/attention/tree_attention_plan.h"
 
 namespace deft {
 namespace {
@@ -370,6 +371,46 @@ TEST(GpuTreeAttention, UnsupportedShapesAreInvalidArgument) {
             absl::StatusCode::kInvalidArgument);  // 16 query heads per KV head
   EXPECT_EQ(attention.Upload(plan, 30, 8, 128, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// Host code (runs without a GPU): the work items' layout, and the sole-reader bit that selects
+// the evict-first L2 policy: set on a chunk's only work item when the plan's chunks share no
+// slots, never on the items of a chunk that several items read, never without disjoint_chunks.
+TEST(TreeAttentionWork, SoleReaderBitMarksTheOnlyItemOfADisjointChunk) {
+  std::vector<int32_t> slots(100);
+  std::iota(slots.begin(), slots.end(), 7);
+  const std::vector<int32_t> chunk_begin = {0, 50, 100}, entry_begin = {0, 2, 22};
+  std::vector<int32_t> entry_query = {0, 1}, entry_mask_begin(23, 0);
+  for (int32_t q = 0; q < 20; ++q) entry_query.push_back(q);
+  const std::vector<int32_t> query_entry_begin = {0}, query_entries;
+  kernels::TreeAttentionPlanArrays arrays{.kv_slots = slots,
+                                          .chunk_begin = chunk_begin,
+                                          .entry_begin = entry_begin,
+                                          .entry_query = entry_query,
+                                          .entry_mask_begin = entry_mask_begin,
+                                          .masks = {},
+                                          .query_entry_begin = query_entry_begin,
+                                          .query_entries = query_entries,
+                                          .disjoint_chunks = false};
+  for (const bool disjoint : {true, false}) {
+    arrays.disjoint_chunks = disjoint;
+    std::vector<int32_t> work, pre;
+    kernels::BuildTreeAttentionWork(arrays, /*group=*/4, &work, &pre);
+    // Chunk 0: 2 entries x 4 heads = 8 rows, one item; chunk 1: 80 rows, items of 64 and 16.
+    ASSERT_EQ(work.size(), 3u * 4);
+    const auto sole = [&](int i) { return work[4 * i + 3] < 0; };
+    const auto rows = [&](int i) { return (work[4 * i + 3] >> 24) & 0x7f; };
+    const auto row0 = [&](int i) { return work[4 * i + 3] & 0xffffff; };
+    EXPECT_EQ(sole(0), disjoint);
+    EXPECT_FALSE(sole(1));
+    EXPECT_FALSE(sole(2));
+    EXPECT_EQ(rows(0), 8);
+    EXPECT_EQ(rows(1), 64);
+    EXPECT_EQ(rows(2), 16);
+    EXPECT_EQ(row0(2), 64);
+    EXPECT_EQ(work[4 * 2 + 0], 50);  // the chunk's first kv index
+    EXPECT_EQ(pre[2 * kernels::kTreeAttentionWorkPreInts], 57);  // its first slot id
+  }
 }
 
 }  // namespace
