@@ -152,9 +152,10 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
 // evict-first, so the copied lines are the first the L2 replaces and the stream of a step's
 // K/V does not evict lines other work still holds in L2, dirty lines of earlier kernels
 // included, whose write-back would otherwise share the DRAM with the reads (measured on the
-// H100 after a 256 MB memset: 1.6-3.1 us off a step on the rows with such chunks;
-// bench/RESULTS.md). The copies of chunks several work items read carry no hint (their readers
-// meet in L2; evict-normal and evict-unchanged policies measured 0.2-12% slower there).
+// H100 after a 256 MB memset: 1.8-3.3 us off a step on the rows with such chunks, none after a
+// read flush; bench/RESULTS.md). The copies of chunks several work items read carry no hint
+// (their readers meet in L2; an evict-normal policy there measured up to 12% slower,
+// evict-unchanged up to 0.5 us).
 __device__ __forceinline__ uint64_t EvictFirstPolicy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
