@@ -9,8 +9,8 @@
 //   bulk S     : the same ring filled by cp.async.bulk (one 256-byte bulk copy per token row of K
 //                and of V) completing on an mbarrier per stage
 // each at chunk sizes 128..1024 tokens (grid = chunks x 8 KV heads), with --ctas_per_sm 1..4
-// (shared memory reserved to force it), L2 flushed by a 256 MB read before every run, CUDA
-// events, median of --reps. Prints microseconds and the read bandwidth.
+// (shared memory reserved to force it), L2 flushed by a 256 MB read (--flush=memset: a write)
+// before every run, CUDA events, median of --reps. Prints microseconds and the read bandwidth.
 // --readers: instead, R = 1/4/16 CTAs per (chunk, head) side by side (the chunk kernel's R
 // 64-row tiles of a shared chunk) on the 2-stage ring at 3 CTAs per SM, with and without a
 // 600 ns spin per sub-tile (a stand-in for the math) and with the readers staggered (reader r
@@ -199,7 +199,19 @@ __global__ void Bulk(const uint8_t* k, const uint8_t* v, int chunk, int n, uint3
 }
 
 // The same bytes as two contiguous arrays (no paging, no head stride): what a plain read stream
-// of this size gets in one launch, the ceiling for any layout.
+// of this size gets in one launch, the ceiling for any layout. kStream: streaming loads
+// (ld.global.cs: the lines evict-first in L2, so after a write flush they replace each other
+// rather than the flush's dirty lines), else ld.global.cg.
+template <bool kStream>
+__device__ __forceinline__ uint4 LoadLine(const uint4* p) {
+  if constexpr (kStream) {
+    return __ldcs(p);
+  } else {
+    return __ldcg(p);
+  }
+}
+
+template <bool kStream>
 __global__ void Linear(const uint4* k, const uint4* v, size_t n16, uint32_t* sink) {
   uint32_t acc = 0;
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
@@ -208,13 +220,58 @@ __global__ void Linear(const uint4* k, const uint4* v, size_t n16, uint32_t* sin
     uint4 r[8];
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      r[2 * u] = __ldcg(k + i + u * stride);
-      r[2 * u + 1] = __ldcg(v + i + u * stride);
+      r[2 * u] = LoadLine<kStream>(k + i + u * stride);
+      r[2 * u + 1] = LoadLine<kStream>(v + i + u * stride);
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) acc ^= r[u].x ^ r[u].w;
   }
-  for (; i < n16; i += stride) acc ^= __ldcg(k + i).x ^ __ldcg(v + i).y;
+  for (; i < n16; i += stride) acc ^= LoadLine<kStream>(k + i).x ^ LoadLine<kStream>(v + i).y;
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+// --floors: the same contiguous bytes pulled into shared memory by bulk copies (the TMA engine,
+// no registers in the data path): one thread per CTA keeps S stages of `piece` bytes of K and of
+// V in flight, CTA c taking pieces c, c + grid, ...; what a read gets with the fewest
+// instructions and the most bytes in flight per SM.
+template <int S>
+__global__ void LinearBulk(const uint8_t* k, const uint8_t* v, size_t bytes, uint32_t piece, uint32_t* sink) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ __align__(8) uint64_t bar[S];
+  if (threadIdx.x != 0) return;
+  const size_t pieces = (bytes + piece - 1) / piece;
+  const size_t mine = pieces > blockIdx.x ? (pieces - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  for (int s = 0; s < S; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(Smem(&bar[s])));
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
+  auto issue = [&](size_t j) {
+    const size_t off = (blockIdx.x + j * gridDim.x) * static_cast<size_t>(piece);
+    const uint32_t len = static_cast<uint32_t>(min(static_cast<size_t>(piece), bytes - off));
+    const int slot = static_cast<int>(j % S);
+    uint8_t* dst = smem + static_cast<size_t>(slot) * 2 * piece;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(Smem(&bar[slot])), "r"(2 * len));
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     Smem(dst)),
+                 "l"(k + off), "r"(len), "r"(Smem(&bar[slot]))
+                 : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     Smem(dst + piece)),
+                 "l"(v + off), "r"(len), "r"(Smem(&bar[slot]))
+                 : "memory");
+  };
+  for (size_t j = 0; j < S && j < mine; ++j) issue(j);
+  uint32_t acc = 0;
+  for (size_t j = 0; j < mine; ++j) {
+    const int slot = static_cast<int>(j % S);
+    const uint32_t parity = static_cast<uint32_t>((j / S) & 1);
+    asm volatile(
+        "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        " @!p bra WAIT_%=;\n}\n" ::"r"(Smem(&bar[slot])),
+        "r"(parity)
+        : "memory");
+    acc ^= *reinterpret_cast<const uint32_t*>(smem + static_cast<size_t>(slot) * 2 * piece);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the read before the refill
+    if (j + S < mine) issue(j + S);
+  }
   if (acc == 0x12345678u) *sink = acc;
 }
 
@@ -233,9 +290,14 @@ double Median(std::vector<double> v) {
 int main(int argc, char** argv) {
   int n = 8000, reps = 50;
   bool readers_only = false, floors = false;
+  // --flush=read (default: a 256 MB read, L2 left clean) or --flush=memset (a 256 MB write,
+  // PERFORMANCE.md's and the anchors' method: L2 left full of dirty lines).
+  auto flush_mode = deft::bench::FlushMode::kRead;
   std::vector<int> floor_tokens = {14000, 24000, 10400, 14303, 26303, 4063, 8000, 4256, 4050};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--floors") == 0) floors = true;
+    if (std::strcmp(argv[i], "--flush=memset") == 0) flush_mode = deft::bench::FlushMode::kMemset;
+    if (std::strcmp(argv[i], "--flush=read") == 0) flush_mode = deft::bench::FlushMode::kRead;
     if (std::strncmp(argv[i], "--tokens=", 9) == 0) n = std::atoi(argv[i] + 9);
     if (std::strncmp(argv[i], "--reps=", 7) == 0) reps = std::atoi(argv[i] + 7);
     if (std::strcmp(argv[i], "--readers") == 0) readers_only = true;
@@ -256,11 +318,12 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaEventCreate(&a));
   CHECK_CUDA(cudaEventCreate(&b));
   const double read_bytes = 2.0 * n * kHeads * kRowBytes;
-  std::printf("chain of %d tokens: %.1f MB of K+V; microseconds (TB/s read)\n", n, read_bytes / 1e6);
+  std::printf("chain of %d tokens: %.1f MB of K+V; microseconds (TB/s read); L2 flush: %s\n", n,
+              read_bytes / 1e6, flush_mode == deft::bench::FlushMode::kMemset ? "memset" : "read");
   auto time = [&](auto launch) {
     std::vector<double> t;
     for (int i = 0; i < reps + 5; ++i) {
-      CHECK_CUDA(deft::bench::FlushL2(flush, flush_bytes, deft::bench::FlushMode::kRead, i, nullptr));
+      CHECK_CUDA(deft::bench::FlushL2(flush, flush_bytes, flush_mode, i, nullptr));
       CHECK_CUDA(cudaEventRecord(a));
       launch();
       CHECK_CUDA(cudaEventRecord(b));
@@ -278,7 +341,7 @@ int main(int argc, char** argv) {
     // siblings, 50x1), the best contiguous grid-stride read of those bytes over grid sizes and
     // block sizes, alone and followed by a second (empty) launch, beside the IO floor at
     // --bandwidth (TB/s, the attention bench's measured copy rate). Timed exactly as the
-    // attention bench times a step (read flush, events around the launches, median of reps).
+    // attention bench times a step (--flush, events around the launches, median of reps).
     double tbps = 3.0;
     for (int i = 1; i < argc; ++i) {
       if (std::strncmp(argv[i], "--bandwidth=", 12) == 0) tbps = std::atof(argv[i] + 12);
@@ -289,31 +352,73 @@ int main(int argc, char** argv) {
       Empty<<<1, 32>>>(sink);
     });
     std::printf("empty kernel between events: %.2f us; two empty kernels: %.2f us\n", empty1, empty2);
-    std::printf("| tokens | MB | IO floor us | best read us | grid x block | TB/s | read + empty launch us |\n|---|---|---|---|---|---|---|\n");
+    // The IO target of PERFORMANCE.md: 1.25x the floor where it is >= 15 us, floor + 6 us below
+    // (siblings' floor is its compute floor, not shown here).
+    std::printf("| tokens | MB | IO floor us | IO target us | best read us | best reader, grid x block | TB/s | read + empty launch us | best bulk-copy read us |\n|---|---|---|---|---|---|---|---|---|\n");
     for (int t : floor_tokens) {
       const size_t n16 = static_cast<size_t>(t) * kHeads * kRowBytes / 16;
       const double mb = 2.0 * t * kHeads * kRowBytes;
+      const double floor_us = mb / tbps / 1e6;
+      const double target = floor_us >= 15 ? 1.25 * floor_us : floor_us + 6;
       double best = 1e30, best2 = 1e30;
       int bg = 0, bb = 0;
-      for (int threads : {256, 512, 1024}) {
-        for (int blocks : {132, 264, 396, 528, 1056, 2112}) {
-          const auto k4 = reinterpret_cast<const uint4*>(k);
-          const auto v4 = reinterpret_cast<const uint4*>(v);
-          const double us = time([&] { Linear<<<blocks, threads>>>(k4, v4, n16, sink); });
-          if (us < best) {
-            best = us;
-            bg = blocks;
-            bb = threads;
+      bool bs = false;
+      const auto k4 = reinterpret_cast<const uint4*>(k);
+      const auto v4 = reinterpret_cast<const uint4*>(v);
+      for (bool stream : {false, true}) {
+        const auto kernel = stream ? Linear<true> : Linear<false>;
+        for (int threads : {256, 512, 1024}) {
+          for (int blocks : {132, 264, 396, 528, 1056, 2112}) {
+            const double us = time([&] { kernel<<<blocks, threads>>>(k4, v4, n16, sink); });
+            if (us < best) {
+              best = us;
+              bg = blocks;
+              bb = threads;
+              bs = stream;
+            }
+            const double us2 = time([&] {
+              kernel<<<blocks, threads>>>(k4, v4, n16, sink);
+              Empty<<<1, 32>>>(sink);
+            });
+            best2 = std::min(best2, us2);
           }
-          const double us2 = time([&] {
-            Linear<<<blocks, threads>>>(k4, v4, n16, sink);
-            Empty<<<1, 32>>>(sink);
-          });
-          best2 = std::min(best2, us2);
         }
       }
-      std::printf("| %d | %.1f | %.1f | %.1f | %d x %d | %.2f | %.1f |\n", t, mb / 1e6, mb / tbps / 1e6,
-                  best, bg, bb, mb / best / 1e6, best2);
+      // Bulk copies: pieces of 4-16 KiB, 4-8 stages, 1-3 CTAs per SM.
+      const size_t tensor_bytes = static_cast<size_t>(t) * kHeads * kRowBytes;
+      struct BulkCfg {
+        int stages;
+        uint32_t piece;
+        int ctas_per_sm;
+      };
+      char bulk_best[64] = "";
+      double bulk_us = 1e30;
+      for (const BulkCfg& b : {BulkCfg{4, 8192, 1}, BulkCfg{4, 8192, 2}, BulkCfg{4, 8192, 3}, BulkCfg{8, 8192, 1},
+                               BulkCfg{4, 16384, 1}, BulkCfg{6, 16384, 1}, BulkCfg{8, 4096, 1}, BulkCfg{8, 4096, 3}}) {
+        const auto kernel = b.stages == 4 ? LinearBulk<4> : b.stages == 6 ? LinearBulk<6> : LinearBulk<8>;
+        const int smem = b.stages * 2 * static_cast<int>(b.piece);
+        CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        const int blocks = 132 * b.ctas_per_sm;
+        const double us = time([&] { kernel<<<blocks, 32, smem>>>(k, v, tensor_bytes, b.piece, sink); });
+        const double us2 = time([&] {
+          kernel<<<blocks, 32, smem>>>(k, v, tensor_bytes, b.piece, sink);
+          Empty<<<1, 32>>>(sink);
+        });
+        best2 = std::min(best2, us2);
+        bulk_us = std::min(bulk_us, us);
+        if (us < best) {
+          best = us;
+          std::snprintf(bulk_best, sizeof(bulk_best), "bulk %u B x %d stages, %d x 32", b.piece, b.stages, blocks);
+        }
+      }
+      char how[80];
+      if (bulk_best[0]) {
+        std::snprintf(how, sizeof(how), "%s", bulk_best);
+      } else {
+        std::snprintf(how, sizeof(how), "%s, %d x %d", bs ? ".cs" : ".cg", bg, bb);
+      }
+      std::printf("| %d | %.1f | %.1f | %.1f | %.1f | %s | %.2f | %.1f | %.1f |\n", t, mb / 1e6, floor_us, target,
+                  best, how, mb / best / 1e6, best2, bulk_us);
       std::fflush(stdout);
     }
     return 0;
@@ -346,7 +451,7 @@ int main(int argc, char** argv) {
     std::printf("linear (contiguous K and V, %.1f MB):", read_bytes / 1e6);
     for (int blocks : {132, 264, 528, 1056}) {
       const double us = time([&] {
-        Linear<<<blocks, 256>>>(reinterpret_cast<const uint4*>(k), reinterpret_cast<const uint4*>(v),
+        Linear<false><<<blocks, 256>>>(reinterpret_cast<const uint4*>(k), reinterpret_cast<const uint4*>(v),
                                 n16, sink);
       });
       std::printf(" %d CTAs %.1f (%.2f);", blocks, us, read_bytes / us / 1e6);
